@@ -7,11 +7,15 @@
 Examples:
     meml train                               the embedded default (SmolLM2-135M, arithmetic, CPU)
     meml train grpo train.steps=20 optim.lr=1e-6
+
+Each further subcommand lives in its own module, which exposes `add_parser(subparsers)`
+registering a parser whose `func` default handles it (heavy imports stay inside `func`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
@@ -21,15 +25,17 @@ from meml.data.base import DataError
 from meml.model import ModelLoadError
 from meml.rewards.functions import RewardConfigError
 
+SUBCOMMAND_MODULES = ["meml.evaluate_cli"]
 
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """A leading argument without '=' is the preset; the rest are key=value overrides."""
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """A leading argument without '=' is the preset (or target); the rest are key=value overrides."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
     return None, args
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("meml").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
@@ -42,22 +48,15 @@ def _setup_logging(verbose: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cmd_train(ns: argparse.Namespace, stage_one_only: bool = False) -> int:
+def cmd_train(ns: argparse.Namespace) -> int:
     from meml.trainer import train
 
-    preset, overrides = _split_args(ns.args)
-    if stage_one_only:
+    preset, overrides = split_args(ns.args)
+    if ns.command == "sft":
         overrides = ["sft.enabled=true", "train.steps=0", *overrides]
     cfg = load_config(preset, overrides)
     train(cfg, preset)
     return 0
-
-
-def cmd_eval(ns: argparse.Namespace) -> int:
-    from meml.evaluate_cli import run_eval
-
-    target, overrides = _split_args(ns.args)
-    return run_eval(target, ns.preset, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,33 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="stage 1 (MEF) then stage 2 (RL), as configured", epilog=f"presets: {presets}")
-    p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
-    p = sub.add_parser("sft", help="stage 1 only: multi-expert SFT", epilog=f"presets: {presets}")
-    p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
-    p = sub.add_parser("eval", help="greedy accuracy per expert on the task's test split")
-    p.add_argument("--preset", default=None, help="preset whose task and experts to use")
-    p.add_argument("args", nargs="*", help="[MODEL_OR_RUN] [key=value ...]")
+    for name, text in (("train", "stage 1 (MEF) then stage 2 (RL), as configured"), ("sft", "stage 1 only: multi-expert SFT")):
+        p = sub.add_parser(name, help=text, epilog=f"presets: {presets}")
+        p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
+        p.set_defaults(func=cmd_train)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    _setup_logging(ns.verbose)
+    setup_logging(ns.verbose)
     try:
-        if ns.command == "train":
-            return cmd_train(ns)
-        if ns.command == "sft":
-            return cmd_train(ns, stage_one_only=True)
-        if ns.command == "eval":
-            return cmd_eval(ns)
+        return ns.func(ns)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except (DataError, ModelLoadError, RewardConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,20 @@ from meml.session import attach_model, open_session
 log = logging.getLogger("meml")
 
 
-def run_eval(target: str | None, preset: str | None, overrides: list[str]) -> int:
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="greedy accuracy per expert on the task's test split")
+    p.add_argument("--preset", default=None, help="preset whose task and experts to use")
+    p.add_argument("args", nargs="*", help="[MODEL_OR_RUN] [key=value ...]")
+    p.set_defaults(func=lambda ns: run_eval(*_target_and_overrides(ns.args), preset=ns.preset))
+
+
+def _target_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    from meml.cli import split_args
+
+    return split_args(args)
+
+
+def run_eval(target: str | None, overrides: list[str], preset: str | None = None) -> int:
     model_source = None
     if target and (Path(target) / "config.yaml").exists() and (Path(target) / "checkpoints").exists():
         import yaml
