@@ -211,6 +211,26 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`meml distill`: write expert traces (JSONL: question_id, expert, response) for stage 1."""
+
+    teacher: str = "self"  # self (the policy under each expert prompt) | hf (a local/hub model) | openai (HTTP)
+    model: str = ""  # hf: model path or hub id; openai: the served model's name
+    base_url: str = "http://localhost:8000/v1"  # OpenAI-compatible endpoint (vLLM, SGLang, hosted)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged
+    experts: list[str] = field(default_factory=list)  # experts to write traces for; empty = all
+    output: str = ""  # JSONL path; empty = <output_dir>/traces.jsonl
+    samples_per_question: int = 4  # rejection sampling: up to this many tries per (question, expert)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_examples: int | None = None  # questions of the train split to distil (default: sft.max_examples)
+    concurrency: int = 8  # HTTP requests in flight
+    max_retries: int = 5
+    request_timeout_s: float = 120.0
+
+
+@dataclass
 class LogConfig:
     backends: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb
     wandb_project: str = "meml"
@@ -240,6 +260,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -363,6 +384,9 @@ def validate(cfg: Config) -> None:
     _choice("algo.iml.answer_choice", a.iml.answer_choice, ("shortest", "first"))
     _choice("algo.iml.normalize", a.iml.normalize, ("batch", "fired"))
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
+    _choice("distill.teacher", cfg.distill.teacher, ("self", "hf", "openai"))
+    _positive("distill.samples_per_question", cfg.distill.samples_per_question)
+    _positive("distill.concurrency", cfg.distill.concurrency)
     _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online", "disabled"))
     for backend in cfg.log.backends:
         _choice("log.backends[]", backend, ("jsonl", "tensorboard", "wandb"))
