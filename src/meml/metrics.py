@@ -1,0 +1,155 @@
+"""Evaluation maths: majority vote, pass@k, coverage and the compute-matched comparison.
+
+Pure functions over answers and per-(question, expert) counts; nothing here knows about
+models. Notation: an expert answered one question n times (samples) and c of them were
+correct.
+
+  pass@k        P(at least one of k answers drawn without replacement from the n is
+                correct) = 1 - C(n-c, k) / C(n, k), the unbiased estimator of Chen et al.
+                (2021), computed as a product so it never forms a huge binomial.
+  coverage      fraction of questions with at least one correct answer.
+  compute-matched coverage
+                MEML's premise is that N experts x k samples find a correct answer more
+                often than one expert given the same budget of N*k samples. Per question,
+                mixture = 1 - prod_i C(n_i-c_i, k)/C(n_i, k) (independent draws per expert),
+                single_e = pass@(N*k) of expert e alone (needs n_e >= N*k).
+  paired bootstrap
+                resample questions with replacement (seeded); in each resample the gain is
+                mean(mixture) - max_e mean(single_e), so the interval also carries the
+                uncertainty of which expert is "best".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """Most common non-empty answer; a tie goes to the tied answer seen first.
+
+    >>> majority_vote(["3", None, "4", "4", "3"])
+    '3'
+    """
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == top)
+
+
+def prob_all_wrong(n, c, k: int) -> np.ndarray:
+    """C(n-c, k) / C(n, k): k draws (without replacement) from n answers, none correct.
+
+    Elementwise over arrays n, c. As a product: prod_{i=n-c+1}^{n} (1 - k/i); it is 0 when
+    fewer than k answers are wrong.
+    >>> float(prob_all_wrong(4, 1, 2))  # C(3,2)/C(4,2) = 3/6
+    0.5
+    """
+    n = np.asarray(n, dtype=np.int64)
+    c = np.asarray(c, dtype=np.int64)
+    if k < 0 or np.any(n < k) or np.any(c < 0) or np.any(c > n):
+        raise ValueError(f"need 0 <= c <= n and n >= k={k}; got n={n.tolist()}, c={c.tolist()}")
+    if k == 0 or n.size == 0:
+        return np.ones(n.shape)
+    i = np.arange(1, int(n.max()) + 1)  # (M,)
+    in_range = (i > (n - c)[..., None]) & (i <= n[..., None])  # (..., M): the c factors of the product
+    with np.errstate(divide="ignore"):  # factors with i <= k are 0 (log -inf): fewer than k wrong answers
+        factors = np.log1p(-np.minimum(k / i, 1.0))  # (M,)
+    return np.exp(np.where(in_range, factors, 0.0).sum(-1))
+
+
+def pass_at_k(n, c, k: int) -> np.ndarray:
+    """Unbiased pass@k from n samples with c correct (elementwise).
+
+    >>> float(pass_at_k(4, 1, 2)), float(pass_at_k(5, 0, 3)), float(pass_at_k(5, 3, 3))
+    (0.5, 0.0, 1.0)
+    """
+    return 1.0 - prob_all_wrong(n, c, k)
+
+
+def coverage(correct: list[list[bool]]) -> float:
+    """Fraction of questions (rows) with at least one correct answer.
+
+    >>> coverage([[False, True], [False, False]])
+    0.5
+    """
+    return sum(any(row) for row in correct) / max(1, len(correct))
+
+
+def mixture_pass(n, c, k: int) -> np.ndarray:
+    """P(at least one correct) with k draws from each expert (last axis) independently.
+
+    >>> float(mixture_pass([4, 4], [1, 0], 2))  # 1 - (3/6) * 1
+    0.5
+    """
+    return 1.0 - prob_all_wrong(n, c, k).prod(-1)
+
+
+def zero_signal(n, c, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probability that a training group of `group_size` answers is all wrong, and that it
+    is all equal (all wrong or all right: zero advantage, no learning signal)."""
+    n = np.asarray(n)
+    c = np.asarray(c)
+    all_wrong = prob_all_wrong(n, c, group_size)
+    all_right = prob_all_wrong(n, n - c, group_size)
+    return all_wrong, all_wrong + all_right
+
+
+def paired_bootstrap(mixture, singles, resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Gain of the mixture over the best single expert, with a percentile interval.
+
+    mixture: (Q,) per-question values; singles: (Q, E) per question and expert. Questions
+    are resampled jointly (paired). Returns (point estimate, low, high).
+    """
+    mixture = np.asarray(mixture, dtype=float)  # (Q,)
+    singles = np.asarray(singles, dtype=float).reshape(len(mixture), -1)  # (Q, E)
+    point = float(mixture.mean() - singles.mean(0).max())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(mixture), size=(resamples, len(mixture)))  # (B, Q)
+    gains = mixture[idx].mean(1) - singles[idx].mean(1).max(-1)  # (B,)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(gains, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+@dataclass
+class MatchedCoverage:
+    k: int  # samples per expert in the mixture; each single expert gets N*k
+    mixture: float
+    single: dict[str, float]
+    best: str
+    gain: float  # mixture - best single
+    gain_low: float
+    gain_high: float
+    questions: int
+
+    def as_summary(self) -> dict:
+        out: dict = {"coverage/k": self.k, "coverage/budget": self.k * len(self.single), "coverage/mixture": self.mixture}
+        out.update({f"coverage/{name}": v for name, v in self.single.items()})
+        out.update({"coverage/best": self.single[self.best], "coverage/gain": self.gain,
+                    "coverage/gain_low": self.gain_low, "coverage/gain_high": self.gain_high})
+        return out
+
+
+def compute_matched_coverage(n, c, expert_names: list[str], k: int, resamples: int = 1000, seed: int = 0,
+                             confidence: float = 0.95) -> MatchedCoverage:
+    """N experts x k samples against each single expert x N*k samples, per question.
+
+    n, c: (Q, N) sample counts and correct counts per (question, expert); needs n >= N*k.
+    """
+    n = np.asarray(n)
+    c = np.asarray(c)
+    budget = k * len(expert_names)
+    if n.size and n.min() < budget:
+        raise ValueError(f"compute-matched coverage with k={k} and {len(expert_names)} experts needs "
+                         f">= {budget} samples per (question, expert); the fewest here is {n.min()}")
+    mixture = mixture_pass(n, c, k)  # (Q,)
+    singles = pass_at_k(n, c, budget)  # (Q, N)
+    means = singles.mean(0) if len(n) else np.zeros(len(expert_names))
+    best = int(np.argmax(means))
+    point, low, high = paired_bootstrap(mixture, singles, resamples, seed, confidence) if len(n) else (0.0, 0.0, 0.0)
+    return MatchedCoverage(k, float(mixture.mean()) if len(n) else 0.0, dict(zip(expert_names, means.tolist())),
+                           expert_names[best], point, low, high, len(n))
