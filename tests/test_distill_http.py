@@ -297,3 +297,13 @@ def test_no_key_sends_no_authorization(server, tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     run_distill(load_config(None, _overrides(tmp_path, server, **{"distill.max_examples": 1})))
     assert server.requests and all(r["auth"] is None for r in server.requests)
+
+
+def test_an_expert_trains_on_the_written_file(server, tmp_path):
+    """The documented hand-over: experts.N.trace_source=file:PATH, then stage 1 loads it."""
+    out = tmp_path / "traces.jsonl"
+    run_distill(load_config(None, _overrides(tmp_path, server)))
+    cfg = load_config(None, [*_overrides(tmp_path), "sft.max_examples=4", f"experts.2.trace_source=file:{out}"])
+    s = open_session(cfg, load_model=False)
+    assert s.trace_report["checker"] == {"source": f"file:{out}", "kept": 4, "dropped_unverified": 0, "unknown_question": 0}
+    assert s.traces[(s.train_examples[0].id, 2)].startswith("Work it out.")

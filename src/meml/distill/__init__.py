@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from meml.config import Config, ConfigError, load_config
 from meml.distill.http_client import ChatClient, TeacherHTTPError
 from meml.distill.output import TraceWriter
@@ -92,6 +94,7 @@ def run_distill(cfg: Config, preset: str | None = None) -> dict:
     examples = s.train_examples[:limit] if limit else s.train_examples
     path = Path(d.output) if d.output else s.run_dir / "traces.jsonl"
     label = teacher_label(cfg)
+    log.info("distill config (task %s):\n%s", cfg.task.name, OmegaConf.to_yaml(OmegaConf.structured(d)).rstrip())
 
     def verify(text, example, finished) -> bool:
         return s.task.verify(text, example, finished).score == 1.0

@@ -128,7 +128,7 @@ class ChatClient:
                         f"{self.url}: gave up after {retry + 1} tries, last: {exc}", exc.status, retryable=True
                     ) from None
                 delay = backoff_delay(retry, self.backoff_base_s, self.backoff_max_s, exc.retry_after, self._rng)
-                log.debug("%s: %s; retry %d/%d in %.2fs", self.url, exc, retry + 1, self.max_retries, delay)
+                log.info("%s: %s; retry %d/%d in %.2fs", self.url, exc, retry + 1, self.max_retries, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -14,6 +14,7 @@ none verifies, the last response is reported with verified=False.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -79,11 +80,14 @@ def local_results(
 
 
 def _ask_until_verified(
-    client: ChatClient, pair: Pair, format_instruction: str, verify: Verify, tries: int, sampling: dict
+    client: ChatClient, pair: Pair, format_instruction: str, verify: Verify, tries: int, sampling: dict, stop: threading.Event
 ) -> PairResult:
+    """Runs in a worker thread, so `verify` must be thread-safe (verifiers are pure functions)."""
     messages = chat_messages(pair.expert, pair.example, format_instruction)
     samples: list[tuple[str, bool, dict]] = []
     for _ in range(tries):
+        if stop.is_set():
+            return PairResult(pair, None, False, len(samples), error="stopped")
         try:
             reply = client.complete(messages, **sampling)
         except TeacherHTTPError as exc:
@@ -105,13 +109,14 @@ def http_results(
     pairs in a row failed (the endpoint looks down); pairs not yet finished are dropped
     and a rerun picks them up."""
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="distill")
+    stop = threading.Event()  # set on the way out: pairs in flight start no further tries
     todo = iter(pairs)
     running: set = set()
     failures_in_a_row = 0
     try:
         while True:
             for pair in todo:  # top the pool up to `concurrency` pairs, no more
-                running.add(pool.submit(_ask_until_verified, client, pair, format_instruction, verify, tries, sampling))
+                running.add(pool.submit(_ask_until_verified, client, pair, format_instruction, verify, tries, sampling, stop))
                 if len(running) >= concurrency:
                     break
             if not running:
@@ -124,4 +129,5 @@ def http_results(
             if failures_in_a_row >= 2 * concurrency:
                 raise TeacherHTTPError(f"{failures_in_a_row} pairs in a row failed; last error: {result.error}")
     finally:
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
