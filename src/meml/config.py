@@ -207,7 +207,24 @@ class EvalConfig:
     after: bool = True
     every_steps: int = 0  # also evaluate every N RL steps; 0 = off
     max_new_tokens: int = 160
-    batch_size: int = 64
+    batch_size: int = 64  # questions per generation batch; `meml eval` appends records after each
+    # Sampled answers per (question, expert) at rollout.temperature/top_p, for pass@k, the
+    # compute-matched coverage and zero-signal estimates; 0 = greedy only.
+    samples: int = 0
+    pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # reported for each k <= samples
+    coverage: bool = True  # N experts x k samples vs each single expert x N*k (needs samples >= N)
+    coverage_k: int = 0  # k: samples per expert in the mixture; 0 = samples // number of experts
+    bootstrap_resamples: int = 1000  # paired bootstrap over questions for the coverage gain
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "bootstrap_resamples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be > 0")
+        for name in ("samples", "coverage_k", "every_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        if any(k < 1 for k in self.pass_k):
+            raise ConfigError(f"eval.pass_k={list(self.pass_k)}: every k must be >= 1")
 
 
 @dataclass

@@ -420,11 +420,15 @@ def log_samples(s: Session, episodes: list[Episode], step: int) -> None:
 
 
 def evaluate(s: Session, tag: str, step: int) -> dict:
-    """Greedy accuracy per expert on the held-out split (main process), logged and saved."""
+    """Greedy accuracy per expert on the held-out split (main process), logged and saved.
+
+    With eval.samples > 0 also pass@k, compute-matched coverage and zero-signal estimates.
+    Records go to <run>/eval/<tag>.jsonl, one line per question.
+    """
     summary: dict = {}
     if s.is_main:
         t0 = time.perf_counter()
-        summary, records = greedy_eval(s, s.eval_examples, s.cfg.eval.max_new_tokens)
+        summary, records = greedy_eval(s, s.eval_examples, s.cfg.eval.max_new_tokens, samples=s.cfg.eval.samples)
         summary["eval_time_s"] = time.perf_counter() - t0
         s.logger.log({"stage": "eval", "tag": tag, "step": step, **summary})
         path = s.run_dir / "eval" / f"{tag}.jsonl"
