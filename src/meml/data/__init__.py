@@ -1,6 +1,8 @@
-"""Tasks: built-in procedural arithmetic and dataset loaders. Importing registers them."""
+"""Tasks: built-in procedural arithmetic, the benchmark loaders (GSM8K, MathQA,
+StrategyQA), users' own data ("generic") and reasoning-gym ("gym"). Importing registers
+them; docs/DATA.md describes each format, split and verifier."""
 
-from meml.data import arithmetic, gsm8k  # noqa: F401
+from meml.data import arithmetic, generic, gsm8k, gym, mathqa, strategyqa  # noqa: F401
 from meml.data.base import TASKS, DataError, Task, build_task, load_split, register_task
 
 __all__ = ["TASKS", "DataError", "Task", "build_task", "load_split", "register_task"]

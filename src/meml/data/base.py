@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meml.config import TaskConfig
 from meml.types import Example, Verdict
@@ -28,6 +28,7 @@ class Task:
     verify: Callable[[str, Example, bool], Verdict]
     format_instruction: str
     styles: tuple[str, ...] = ("prose",)  # rationale styles the task's examples carry
+    skipped: dict[str, int] = field(default_factory=dict)  # split -> malformed rows skipped (task.skip_invalid)
 
 
 TaskBuilder = Callable[[TaskConfig, bool], Task]  # (task config, lenient verifier) -> Task
