@@ -28,9 +28,10 @@ A digit inside a word ("x2", "v3") is not a number.
 Options (verify_choice): in the span, the first option letter written as "(b)", "[b]",
 "b)", "b.", "b:", "option b" / "choice b", or the span being the bare letter ("b", "B.",
 "b, because"). A letter inside a word never counts ("because", "e.g."). Without a
-letter, the option text itself: the span's number equal to exactly one option's number,
-else the longest option text the span starts with. Options written alike are ambiguous
-and score 0.
+letter, the option text itself: the span equal to one option's text ("4 π"), else the
+span's number equal to exactly one option's number ("12 rupees" names "rs . 12"), else
+the longest option text the span starts with. Options written alike are ambiguous and
+score 0.
 
 Yes/no (verify_yes_no): the first "yes", "no", "true" or "false" in the span as a whole
 word; "not true" reads as no and "not false" as yes; "yes or no" is ambiguous (score 0).
@@ -239,7 +240,11 @@ def option_value(text: str) -> Fraction | None:
 
 
 def option_from_text(span: str, options: dict[str, str]) -> tuple[str | None, str]:
-    """The option a span names by its value or text: (letter or None, reason)."""
+    """The option a span names by its text or value: (letter or None, reason)."""
+    squashed = _squash(span)
+    equal = [k for k, text in options.items() if _squash(text) == squashed]
+    if len(equal) == 1:
+        return equal[0], "option_text"
     number = _number_in(normalize(span))
     value = parse_number(number) if number else None
     if value is not None:
@@ -248,7 +253,6 @@ def option_from_text(span: str, options: dict[str, str]) -> tuple[str | None, st
             return same[0], "option_value"
         if len(same) > 1:
             return None, "ambiguous_option_text"
-    squashed = _squash(span)
     starts = [(len(_squash(t)), k) for k, t in options.items() if _squash(t) and squashed.startswith(_squash(t))]
     if not starts:
         return None, "no_option"
