@@ -13,7 +13,8 @@ For each split (task.train_split and task.eval_split; a single file is one split
 after it) it prints the row count, the malformed rows skipped (with task.skip_invalid),
 the gold-answer parse rate (the verifier does not abstain on "The answer is <gold>.")
 with the ids it could not parse, and the share of each rationale style that scores 1
-under the task's own verifier. Then, for the first examples, the prompt of each expert
+under the task's own verifier (a rationale whose gold did not parse abstains and is
+counted apart). Then, for the first examples, the prompt of each expert
 and the start of its stage-1 trace.
 
 Prompts are shown as plain text, system then user message, without the model's chat
@@ -87,9 +88,14 @@ def split_report(task: Task, examples: list[Example]) -> dict:
     unparsed = [e.id for e in examples if task.verify(f"The answer is {e.answer}.", e, True).score is None]
     rationales = {}
     for style in task.styles:
-        have = [e for e in examples if e.rationales.get(style)]
-        failed = [e.id for e in have if task.verify(e.rationales[style], e, True).score != 1.0]
-        rationales[style] = {"present": len(have), "verified": len(have) - len(failed), "failed_ids": failed[:MAX_LISTED]}
+        scores = {e.id: task.verify(e.rationales[style], e, True).score for e in examples if e.rationales.get(style)}
+        failed = [i for i, score in scores.items() if score == 0.0]
+        rationales[style] = {
+            "present": len(scores),
+            "verified": sum(score == 1.0 for score in scores.values()),
+            "abstained": sum(score is None for score in scores.values()),  # their gold did not parse
+            "failed_ids": failed[:MAX_LISTED],
+        }
     return {
         "rows": len(examples),
         "gold_parsed": len(examples) - len(unparsed),
@@ -112,11 +118,13 @@ def run_inspect(source: str, overrides: list[str], num_examples: int = 2) -> int
     from meml.config import load_config
 
     path = Path(source).expanduser()
-    extra = []
+    named = any(o.startswith("task.name=") for o in overrides)
     if path.exists():
-        if not any(o.startswith("task.name=") for o in overrides):
-            extra.append(f"task.name={guess_task(path)}")
-        extra.append(f"task.path={path}")
+        extra = [f"task.path={path}"] + ([] if named else [f"task.name={guess_task(path)}"])
+    elif "/" in source or path.suffix:
+        raise DataError(f"{source}: no such file or directory (SOURCE is a task name or a path)")
+    else:
+        extra = [] if named else [f"task.name={source}"]
     cfg = load_config(None, [*extra, *overrides])
     task = build_task(cfg.task, lenient=cfg.reward.lenient)
     splits = [path.stem] if path.is_file() else list(dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]))
@@ -137,6 +145,7 @@ def run_inspect(source: str, overrides: list[str], num_examples: int = 2) -> int
             print(f"  not parsed (first {MAX_LISTED}): {', '.join(report['unparsed_ids'])}")
         for style, r in report["rationales"].items():
             line = f"  rationale '{style}': {r['present']} present, verified {_pct(r['verified'], r['present'])}"
+            line += f", {r['abstained']} abstained (gold not parsed)" if r["abstained"] else ""
             print(line + (f"; failing: {', '.join(r['failed_ids'])}" if r["failed_ids"] else ""))
         first = first or examples[:num_examples]
     _print_prompts(task, cfg.experts, first)
