@@ -206,3 +206,30 @@ def test_native_tasks_reject_options():
     for name in ("gsm8k", "mathqa", "strategyqa"):
         with pytest.raises(DataError, match="takes no options"):
             build_task(TaskConfig(name=name, path="x", options={"foo": 1}))
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+
+def test_hub_ids_go_through_datasets(monkeypatch):
+    """The hub path is exercised offline: `datasets.load_dataset` is replaced by a stub."""
+    import datasets
+
+    calls = []
+    rows = {
+        "openai/gsm8k": [{"question": "1+1?", "answer": "1+1=2\n#### 2"}],
+        "allenai/math_qa": [{"Problem": "1+1 ?", "Rationale": "2", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5",
+                             "correct": "b", "annotated_formula": "add(1, 1)", "linear_formula": "", "category": "general"}],
+        "ChilleD/StrategyQA": [{"qid": "h1", "question": "Is 2 even?", "answer": True, "facts": "2 is divisible by 2.", "decomposition": []}],
+    }
+
+    def fake_load_dataset(source, config=None, split=None):
+        calls.append((source, config, split))
+        return rows[source]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert build_task(TaskConfig(name="gsm8k")).load("test")[0].answer == "2"
+    assert build_task(TaskConfig(name="mathqa")).load("dev")[0].id == "mathqa-dev-0"
+    strategy = build_task(TaskConfig(name="strategyqa")).load("dev")[0]
+    assert strategy.rationales["prose"] == "2 is divisible by 2.\nThe answer is yes."
+    assert calls == [("openai/gsm8k", "main", "test"), ("allenai/math_qa", None, "validation"), ("ChilleD/StrategyQA", None, "test")]

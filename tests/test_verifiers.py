@@ -80,6 +80,8 @@ NUMERIC = [
     ("", "7", 0.0, None),
     # a number inside a word or version is not one
     ("The answer is v3", "3", 0.0, None),
+    ("The answer isn't 5.", "5", 0.0, None),
+    ("The answered total was 5.", "5", 0.0, None),
 ]
 NUMERIC_LENIENT = [
     ("3 + 4 = 7", "7", 1.0, "7"),

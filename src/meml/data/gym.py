@@ -26,13 +26,12 @@ import re
 from meml.config import TaskConfig
 from meml.data.base import DataError, Task, register_task
 from meml.data.generic import TEXT_FORMAT
-from meml.rewards.verifiers import answer_span
+from meml.rewards.verifiers import ANSWER_MARKER_RE, answer_span
 from meml.types import Example, Verdict
 
 log = logging.getLogger(__name__)
 DEFAULT_OPTIONS = {"dataset": None, "size": 1000, "test_size": None, "seed": 0, "config": {}}
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_MARKER_RE = re.compile(r"(?:\bfinal\s+answer|\banswer)\s*(?:is|:|=)|####", re.IGNORECASE)
 
 
 def import_gym():
@@ -46,7 +45,7 @@ def import_gym():
 def gym_answer(completion: str, lenient: bool = False) -> tuple[str | None, str]:
     """The answer text of a completion for reasoning-gym scoring, and how it was found."""
     tags = _ANSWER_TAG_RE.findall(completion)
-    markers = list(_MARKER_RE.finditer(completion))
+    markers = list(ANSWER_MARKER_RE.finditer(completion))
     boxed_at = completion.rfind("\\boxed{")
     last_marker = markers[-1].start() if markers else -1
     if tags and completion.rfind("<answer>") > max(last_marker, boxed_at):

@@ -44,8 +44,8 @@ from fractions import Fraction
 
 from meml.types import Verdict
 
-_MARKER_RE = re.compile(
-    r"(?:\bfinal\s+answer|\banswer)\s*(?:is|was|would\s+be|will\s+be|should\s+be|:|=)|\bfinal\s+answer\b|####",
+ANSWER_MARKER_RE = re.compile(
+    r"(?:\bfinal\s+answer|\banswer)\s*(?:(?:is|was|would\s+be|will\s+be|should\s+be)\b|:|=)|\bfinal\s+answer\b|####",
     re.IGNORECASE,
 )
 _BOXED = "\\boxed{"
@@ -97,7 +97,7 @@ def answer_span(completion: str) -> tuple[str | None, str]:
     """The text a completion commits to as its answer, and where it was found:
     ("boxed" | "marker", span) or (None, "no_marker")."""
     text = completion.replace("**", "")
-    markers = list(_MARKER_RE.finditer(text))
+    markers = list(ANSWER_MARKER_RE.finditer(text))
     boxed = _boxed_content(text)
     if boxed is not None and (not markers or boxed[1] > markers[-1].start()):
         return boxed[0].strip(), "boxed"
