@@ -25,7 +25,7 @@ from meml.data.base import DataError
 from meml.model import ModelLoadError
 from meml.rewards.functions import RewardConfigError
 
-SUBCOMMAND_MODULES = ["meml.evaluate_cli", "meml.distill", "meml.data.inspect"]
+SUBCOMMAND_MODULES = ["meml.evaluate_cli", "meml.distill", "meml.data.inspect", "meml.report"]
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
