@@ -66,9 +66,9 @@ def test_inspect_reports_data_errors(capsys):
 
 
 def test_inspect_task_name_with_path_override(capsys):
-    assert main(["data", "inspect", "mathqa", f"task.path={FIXTURES / 'mathqa'}", "-n", "0"]) == 0
+    assert main(["data", "inspect", "mathqa", f"task.path={FIXTURES / 'mathqa'}", "-n", "0", "task.train_split=dev"]) == 0
     out = capsys.readouterr().out
-    assert "split train: 4 rows" in out and "split test: 2 rows" in out
+    assert "split dev: 4 rows" in out and "split test: 2 rows" in out and "===" not in out
 
 
 def test_inspect_missing_path_is_an_error(capsys):

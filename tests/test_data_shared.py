@@ -48,3 +48,14 @@ def test_mathqa_rationales_have_no_mojibake_or_wrapping_quotes(shared_data):
     for e in task.load("test"):
         prose = e.rationales.get("prose", "")
         assert not prose.startswith('"') and "ã —" not in prose and "â ˆ" not in prose, e.id
+
+
+def test_rationales_do_not_verify_against_another_questions_gold(shared_data):
+    """A verifier that accepted anything would pass the self-check above; scored against
+    the next question's gold, a GSM8K rationale verifies only when the two golds agree."""
+    task = build_task(TaskConfig(name="gsm8k", path=str(shared_data / "gsm8k")))
+    examples = task.load("test")
+    pairs = list(zip(examples, examples[1:] + examples[:1]))
+    hits = [task.verify(a.rationales["prose"], b, True).score == 1.0 for a, b in pairs]
+    same_gold = [a.answer == b.answer for a, b in pairs]
+    assert hits == same_gold

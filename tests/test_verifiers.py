@@ -30,6 +30,8 @@ NUMERIC = [
     ("The final answer is\n\n72", "72", 1.0, "72"),
     ("#### 72", "72", 1.0, "72"),
     ("**Answer:** 72", "72", 1.0, "72"),
+    ("The answer is **72**.", "72", 1.0, "72"),
+    ("The answer is 2**10.", "210", 0.0, None),  # a power, not bold text around "210"
     ("The answer would be 72.", "72", 1.0, "72"),
     # thousands separators, decimals, fractions, negatives
     ("The answer is 1,350.", "1350", 1.0, None),

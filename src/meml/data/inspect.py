@@ -24,6 +24,7 @@ adds only role markers around exactly this text.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -39,9 +40,24 @@ def add_parser(sub) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("inspect", help="row counts, rendered prompts per expert, gold-answer parse rate")
     q.add_argument("source", help="a task name (gsm8k, mathqa, ...) or a data file / directory")
-    q.add_argument("args", nargs="*", help="key=value config overrides, e.g. task.options.question=problem")
     q.add_argument("-n", "--examples", type=int, default=2, help="examples whose prompts are shown (default 2)")
-    q.set_defaults(func=lambda ns: run_inspect(ns.source, ns.args, ns.examples))
+    # REMAINDER, so that "-n 3" may also come after the overrides
+    q.add_argument("args", nargs=argparse.REMAINDER, help="key=value config overrides, e.g. task.options.question=problem")
+    q.set_defaults(func=_run_from_args)
+
+
+def _run_from_args(ns) -> int:
+    overrides, examples = [], ns.examples
+    args = iter(ns.args)
+    for arg in args:
+        if arg in ("-n", "--examples"):
+            value = next(args, "")
+            if not value.isdigit():
+                raise DataError(f"{arg} needs a whole number, got '{value}'")
+            examples = int(value)
+        else:
+            overrides.append(arg)
+    return run_inspect(ns.source, overrides, examples)
 
 
 # ----------------------------------------------------------------------------- guessing the task

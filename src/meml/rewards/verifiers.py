@@ -49,6 +49,7 @@ ANSWER_MARKER_RE = re.compile(
     re.IGNORECASE,
 )
 _BOXED = "\\boxed{"
+_BOLD_RE = re.compile(r"(?<!\d)\*\*|\*\*(?!\d)")
 # A sentence ends at a newline, at ! ? ; before a space, or at a full stop followed by the
 # end, a newline or a capital ("rs. 500" and "B. 450" stay one sentence).
 _SPAN_END_RE = re.compile(r"\n|[!?;](?=\s|$)|\.(?=\s*$|[ \t]+[A-Z(\[\"'])")
@@ -69,9 +70,14 @@ _LATEX_TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
 # ----------------------------------------------------------------------------- spans
 
 
+def strip_bold(text: str) -> str:
+    """Drop Markdown bold markers, but not a power written "2**10"."""
+    return _BOLD_RE.sub("", text)
+
+
 def normalize(text: str) -> str:
     """Undo the usual typesetting so one set of rules reads plain and LaTeX answers."""
-    text = text.replace("**", "").replace("−", "-").replace("\\$", "$").replace("\\%", "%")
+    text = strip_bold(text).replace("−", "-").replace("\\$", "$").replace("\\%", "%")
     text = text.replace("{,}", ",").replace("\\,", "").replace("\\!", "")
     text = text.replace("\\left", "").replace("\\right", "")
     text = _LATEX_TEXT_RE.sub(r"\1", text)
@@ -94,9 +100,9 @@ def _boxed_content(text: str) -> tuple[str, int] | None:
 
 
 def answer_span(completion: str) -> tuple[str | None, str]:
-    """The text a completion commits to as its answer, and where it was found:
-    ("boxed" | "marker", span) or (None, "no_marker")."""
-    text = completion.replace("**", "")
+    """(span, how): the text a completion commits to as its answer and where it was
+    found, "boxed" or "marker"; (None, "no_marker") without either."""
+    text = strip_bold(completion)
     markers = list(ANSWER_MARKER_RE.finditer(text))
     boxed = _boxed_content(text)
     if boxed is not None and (not markers or boxed[1] > markers[-1].start()):
@@ -286,7 +292,7 @@ def verify_choice(completion: str, gold: str, options: dict[str, str], finished:
             letter, reason = option_from_text(span, options)
             how = reason if letter is None else f"{how}_{reason}"
     if letter is None and lenient:
-        letter = find_letter(completion.replace("**", ""), letters, last=True, written_only=True)
+        letter = find_letter(strip_bold(completion), letters, last=True, written_only=True)
         how = "last_option" if letter else how
     if letter is None:
         return _no_answer(how)
