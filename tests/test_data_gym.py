@@ -54,3 +54,11 @@ def test_gym_bad_dataset_name_is_a_data_error():
     t = build_task(TaskConfig(name="gym", options={"dataset": "no_such_dataset", "size": 2}))
     with pytest.raises(DataError, match="could not build 'no_such_dataset'"):
         t.load("train")
+
+
+def test_gym_without_the_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # makes `import reasoning_gym` fail
+    with pytest.raises(DataError, match="pip install reasoning-gym"):
+        build_task(TaskConfig(name="gym", options={"dataset": "chain_sum"}))
