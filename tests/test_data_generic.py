@@ -50,7 +50,7 @@ def test_parquet_and_split_template(tmp_path):
         pq.write_table(table, tmp_path / f"math_{split}.parquet")
     t = generic(tmp_path / "math_{split}.parquet", question="q", answer="a")
     assert len(t.load("train")) == 1 and [e.answer for e in t.load("test")] == ["6", "1"]
-    assert t.load("test")[1].id == "math_-test-1"
+    assert t.load("test")[1].id == "math-test-1"
 
 
 def test_files_option_names_each_split(tmp_path):

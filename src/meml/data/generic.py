@@ -222,7 +222,7 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
         raise DataError("task.options.choices: verifier=choice needs the column holding each row's options")
     verify = make_verify(kind, lenient)
     skipped: dict[str, int] = {}
-    name = Path(cfg.path).stem.replace("{split}", "") or "data"
+    name = Path(cfg.path).stem.replace("{split}", "").strip("_-.") or "data"
 
     def parse(row: dict, where: str, index: int, split: str) -> Example:
         question = text_field(row, opts["question"], where)
