@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 from conftest import tiny_overrides
@@ -71,9 +72,12 @@ def test_wandb_offline_writes_a_run_without_network(tmp_path, monkeypatch):
     logger.close()
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     (data,) = run.glob("*.wandb")
+    names = (b"rl/reward/mean", b"rl/step", b"sft/loss", b"eval/acc/tutor", b"samples/tutor")
+    deadline = time.monotonic() + 30
+    while not all(n in data.read_bytes() for n in names) and time.monotonic() < deadline:
+        time.sleep(0.2)  # offline finish() returns before wandb's service process has written the file
     raw = data.read_bytes()
-    for name in (b"rl/reward/mean", b"rl/step", b"sft/loss", b"eval/acc/tutor", b"samples/tutor"):
-        assert name in raw
+    assert [n for n in names if n not in raw] == []
 
 
 def test_truncate_after_keeps_one_uninterrupted_timeline(tmp_path):
