@@ -76,7 +76,8 @@ def resolve(target: str | None, overrides: list[str], preset: str | None, task: 
         latest = ckpt.find_latest(run_dir)
         if latest is None:
             raise FileNotFoundError(f"{run_dir} has no valid checkpoint to evaluate")
-        cfg = load_config(preset, [*_as_overrides(base), *overrides])
+        keep = _as_overrides(base, drop_task=bool(task) and task != base.task.name)  # another task: its own defaults
+        cfg = load_config(preset, [*keep, *overrides])
         return cfg, run_dir / "eval" / latest.name, str(latest / "model")
     cfg = load_config(preset, [*([f"model.name_or_path={target}"] if target else []), *overrides])
     if cfg.output_dir:
@@ -177,8 +178,9 @@ def run_eval(target: str | None, overrides: list[str], preset: str | None = None
     return 0
 
 
-def _as_overrides(cfg: Config) -> list[str]:
+def _as_overrides(cfg: Config, drop_task: bool = False) -> list[str]:
     """A saved run's whole config as overrides (JSON is valid YAML), so the eval matches it."""
     from meml.config import to_dict
 
-    return [f"{key}={json.dumps(value)}" for key, value in to_dict(cfg).items() if key != "output_dir"]
+    skip = {"output_dir", *(["task"] if drop_task else [])}
+    return [f"{key}={json.dumps(value)}" for key, value in to_dict(cfg).items() if key not in skip]
