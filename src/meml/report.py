@@ -131,7 +131,7 @@ def figure_specs(runs: list[Run]) -> list[tuple[str, str, str, list[tuple[str, s
          [*((t, f"acc/{e}") for t, e in per_expert), ("best expert", "acc/best"), ("any expert", "acc/any"),
           ("majority vote", "acc/majority")]),
         ("coverage.png", "Compute-matched coverage: N experts x k vs best single x N*k", "eval",
-         [("mixture", "coverage/mixture"), ("best single expert", "coverage/best"), ("gain", "coverage/gain")]),
+         [("mixture", "coverage/mixture"), ("best single expert", "coverage/best"), ("gain (95% bootstrap band)", "coverage/gain")]),
         ("completion_len.png", "Completion length (tokens)", "rl", [("mean completion length", "completion_len")]),
         ("tokens_per_s.png", "Throughput (tokens/s)", "rl", [("RL", "tokens_per_s")]),
         ("loss.png", "Training loss", "rl", [("RL loss", "loss")]),
@@ -164,6 +164,9 @@ def draw_plots(runs: list[Run], out: Path) -> list[Plot]:
                     ax.plot(steps, values, marker=markers[i % len(markers)], markersize=4, linewidth=1.5, alpha=0.85,
                             color=colours(i % 10), label=run.name)
                     plot.drawn.setdefault(panel, []).append(run.name)
+                    low, high = run.series(stage, f"{key}_low"), run.series(stage, f"{key}_high")
+                    if low[0] and low[0] == high[0] == steps:  # an interval logged beside the value
+                        ax.fill_between(steps, low[1], high[1], color=colours(i % 10), alpha=0.15, linewidth=0)
             if key.startswith(("acc/", "zero_signal", "coverage/mixture", "coverage/best")):
                 ax.set_ylim(-0.03, 1.03)  # fractions: the whole range, so runs compare at a glance
             ax.set_title(panel, fontsize=10)
