@@ -55,4 +55,4 @@ def group_advantages(
         centred = centred / (std[groups] + eps)
     if positive_only:
         centred = centred.clamp(min=0)
-    return centred.to(rewards.dtype)
+    return centred.to(rewards.dtype if rewards.is_floating_point() else torch.float32)

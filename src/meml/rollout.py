@@ -109,11 +109,13 @@ class HFEngine:
             attention_mask=attention_mask.to(device),
             do_sample=not greedy,
             max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.num_samples,
+            num_return_sequences=1 if greedy else params.num_samples,
             pad_token_id=pad,
             eos_token_id=self.stop_ids,
             **sampling,
         )  # (prompts * num_samples, width + new), samples of one prompt adjacent
+        if greedy:  # greedy samples are identical: generate once, repeat
+            sequences = sequences.repeat_interleave(params.num_samples, dim=0)
         new_tokens = sequences[:, width:].tolist()
         result: list[list[Generation]] = []
         for i in range(len(chunk)):

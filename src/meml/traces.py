@@ -51,9 +51,13 @@ def load_expert_traces(task: Task, experts: list[Expert], examples: list[Example
                 if example is None:
                     unknown += 1
                     continue
-                if task.verify(row["response"], example, True).score == 1.0:
-                    traces.setdefault((example.id, i), row["response"])
-                    kept += 1
+                # a response the writer flagged as unverified or cut at the length limit is
+                # dropped even if its text happens to contain a correct answer marker
+                finished = row.get("finish_reason") != "length"
+                if row.get("verified") is not False and task.verify(row["response"], example, finished).score == 1.0:
+                    if (example.id, i) not in traces:
+                        traces[(example.id, i)] = row["response"]
+                        kept += 1
                 else:
                     dropped += 1
         else:

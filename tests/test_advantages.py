@@ -1,0 +1,77 @@
+"""Advantages against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from meml.advantages import group_advantages, group_index, group_keys
+from meml.types import Episode
+
+NAN = float("nan")
+
+
+def adv(rewards, groups, std=False, pos=False):
+    return group_advantages(torch.tensor(rewards), torch.tensor(groups), std, pos).tolist()
+
+
+def test_group_mean_baseline_by_hand():
+    # group 0: rewards 1, 0, 0, 1 -> mean 0.5; group 1: 1, 1, 1, 0 -> mean 0.75
+    out = adv([1, 0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert out == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75])
+
+
+def test_all_zero_reward_group_gives_zero_advantage():
+    assert adv([0, 0, 0, 0], [0, 0, 0, 0]) == [0, 0, 0, 0]
+    assert adv([0, 0, 0, 0], [0, 0, 0, 0], std=True) == [0, 0, 0, 0]
+
+
+def test_std_normalisation_uses_the_unbiased_group_std():
+    # rewards 1, 0, 0, 1: mean 0.5, unbiased std = sqrt((4 * 0.25) / 3) = 0.57735
+    out = adv([1, 0, 0, 1], [0, 0, 0, 0], std=True)
+    expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert out == pytest.approx([expected, -expected, -expected, expected], rel=1e-6)
+
+
+def test_positive_only_clips_negative_advantages():
+    out = adv([1, 0, 0, 0], [0, 0, 0, 0], pos=True)
+    assert out == pytest.approx([0.75, 0, 0, 0])
+
+
+def test_missing_rewards_take_no_part_and_get_zero():
+    # the NaN reward is excluded from the mean (mean of 1, 0 = 0.5) and gets advantage 0
+    out = adv([1, 0, NAN], [0, 0, 0])
+    assert out == pytest.approx([0.5, -0.5, 0.0])
+
+
+def test_singleton_group_has_zero_advantage_even_with_std():
+    assert adv([1.0], [0], std=True) == [0.0]
+
+
+def test_groups_need_not_be_contiguous():
+    assert adv([1, 0, 0, 1], [0, 1, 0, 1]) == pytest.approx([0.5, -0.5, -0.5, 0.5])
+
+
+def _ep(q, e):
+    return Episode(q, e, 0, [1], [2], "", True)
+
+
+def test_grouping_per_expert_or_pooled_per_question():
+    eps = [_ep("a", 0), _ep("a", 1), _ep("b", 0), _ep("a", 0)]
+    assert group_index(group_keys(eps, "expert")).tolist() == [0, 1, 2, 0]
+    assert group_index(group_keys(eps, "question")).tolist() == [0, 0, 1, 0]
+    with pytest.raises(ValueError):
+        group_keys(eps, "nope")
+
+
+def test_matches_a_slow_loop_oracle():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 2, (60,), generator=g).float()
+    groups = torch.randint(0, 7, (60,), generator=g)
+    fast = group_advantages(rewards, groups, std_normalize=True, positive_only=False)
+    for i in range(60):
+        members = [rewards[j].item() for j in range(60) if groups[j] == groups[i]]
+        mean = sum(members) / len(members)
+        var = sum((m - mean) ** 2 for m in members) / max(1, len(members) - 1)
+        expected = (rewards[i].item() - mean) / (math.sqrt(var) + 1e-4)
+        assert fast[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)

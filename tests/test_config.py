@@ -1,0 +1,85 @@
+"""Config: presets, overrides, type checks, and errors that say how to fix them."""
+
+import pytest
+
+from meml.config import ConfigError, list_presets, load_config, to_yaml
+
+
+def test_defaults_run_the_embedded_default():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.task.name == "arithmetic"
+    assert len(cfg.experts) == 3
+    assert cfg.sft.enabled and cfg.algo.iml.enabled and cfg.algo.hsft.enabled
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads(preset):
+    load_config(preset)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("grpo", ["train.steps=7", "optim.lr=3e-6", "algo.iml.weight=0.5", "experts.0.name=solo"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(3e-6)
+    assert cfg.algo.iml.weight == 0.5 and cfg.experts[0].name == "solo"
+
+
+def test_list_and_dict_overrides_replace_whole_values():
+    cfg = load_config(None, ["experts=[{name: a, system_prompt: x}, {name: b, system_prompt: y}]", "task.options={difficulty: 3}"])
+    assert [e.name for e in cfg.experts] == ["a", "b"]
+    assert cfg.task.options == {"difficulty": 3}
+
+
+def test_unknown_key_suggests_the_closest_name():
+    with pytest.raises(ConfigError, match="Did you mean: 'steps'"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="Did you mean: 'iml'"):
+        load_config(None, ["algo.imll.weight=1"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=abc"])
+
+
+def test_bad_choice_names_the_field_and_suggests():
+    with pytest.raises(ConfigError, match=r"algo.loss='ppo'.*ppo_clip"):
+        load_config(None, ["algo.loss=ppo"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="max_wrong"):
+        load_config(None, ["algo.hsft.max_wrong=4", "rollout.num_generations_per_expert=4"])
+    with pytest.raises(ConfigError, match="on-policy"):
+        load_config(None, ["algo.ppo_epochs=2"])
+    with pytest.raises(ConfigError, match="two experts"):
+        load_config(None, ["experts=[{name: a, system_prompt: x}]"])
+
+
+def test_malformed_override_and_unknown_preset():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="Did you mean 'grpo'"):
+        load_config("grpoo")
+
+
+def test_resolved_config_round_trips_through_yaml():
+    import yaml
+
+    from meml.config import from_dict
+
+    cfg = load_config("dr_grpo", ["seed=5"])
+    assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_config_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import meml.model
+
+    def boom(*a, **k):
+        raise AssertionError("model loading must not start")
+
+    monkeypatch.setattr(meml.model, "load_policy", boom)
+    from meml.cli import main
+
+    assert main(["train", "train.stepz=2", f"output_dir={tmp_path}"]) == 2
+    assert "Did you mean: 'steps'" in capsys.readouterr().err

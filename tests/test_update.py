@@ -1,0 +1,100 @@
+"""The batched forward/backward: micro-batching gives the whole batch's gradient."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from meml import losses
+from meml.update import (
+    LossSettings,
+    TrainItem,
+    accumulate_gradients,
+    collate,
+    micro_batches,
+    response_logits,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def _items():
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(7):
+        p = torch.randint(3, 200, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(3, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        kind = ["pg", "iml", "sft"][i % 3]
+        items.append(TrainItem(kind, p, r, weight=1.0 / (i + 2), coef=0.5 if kind != "pg" else 1.0, advantage=(i - 3) / 3))
+    return items
+
+
+def _grads(model, items, budget, settings=LossSettings()):
+    model.zero_grad(set_to_none=True)
+    acc = Accelerator(cpu=True)
+    stats = accumulate_gradients(model, items, settings, budget, 2, acc)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+
+
+def test_micro_batches_respect_the_budget_and_cover_every_item():
+    items = _items()
+    groups = micro_batches(items, token_budget=24)
+    assert sorted(i for g in groups for i in g) == list(range(len(items)))
+    for g in groups:
+        if len(g) > 1:
+            width = max(len(items[i].prompt_ids) for i in g) + max(len(items[i].response_ids) for i in g)
+            assert len(g) * width <= 24
+
+
+def test_split_batch_gradient_equals_whole_batch_gradient(model):
+    items = _items()
+    whole, stats_whole = _grads(model, items, budget=10_000)
+    split, stats_split = _grads(model, items, budget=16)
+    assert stats_split["loss"] == pytest.approx(stats_whole["loss"], rel=1e-5)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_matches_a_per_sequence_oracle(model):
+    """Sum over items of weight * coef * (per-token loss), one unpadded sequence at a time."""
+    items = _items()
+    _, stats = _grads(model, items, budget=10_000)
+    expected = 0.0
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it.prompt_ids + it.response_ids])
+            logits = model(ids).logits[0, len(it.prompt_ids) - 1 : -1]  # predicts each response token
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(it.response_ids)[:, None]).squeeze(-1)
+            per_token = -it.advantage * logp if it.kind == "pg" else -logp
+            expected += it.weight * it.coef * per_token.sum().item()
+    assert stats["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_left_padded_collate_puts_every_response_at_the_same_columns(model):
+    batch = collate([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad_id=2, device="cpu")
+    assert batch.input_ids.tolist() == [[5, 6, 7, 9, 2, 2], [2, 2, 8, 10, 11, 12]]
+    assert batch.mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert batch.position_ids.tolist()[1][2:] == [0, 1, 2, 3]
+    logits = response_logits(model, batch)
+    assert logits.shape[:2] == (2, 3)
+
+
+def test_padding_does_not_change_logprobs(model):
+    alone = collate([[5, 6, 7]], [[9, 10]], pad_id=2, device="cpu")
+    padded = collate([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7]], [[9, 10], [11, 12, 13, 14]], pad_id=2, device="cpu")
+    with torch.no_grad():
+        a = losses.token_logprobs(response_logits(model, alone), alone.targets)[0, :2]
+        b = losses.token_logprobs(response_logits(model, padded), padded.targets)[0, :2]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_clip_single_update_has_reinforce_gradient(model):
+    items = [it for it in _items() if it.kind == "pg"]
+    g_reinforce, _ = _grads(model, items, 10_000, LossSettings("reinforce"))
+    g_ppo, _ = _grads(model, items, 10_000, LossSettings("ppo_clip"))
+    for name in g_reinforce:
+        torch.testing.assert_close(g_ppo[name], g_reinforce[name], rtol=1e-4, atol=1e-6)
