@@ -33,10 +33,10 @@ def _items():
     return items
 
 
-def _grads(model, items, budget, settings=LossSettings()):
+def _grads(model, items, budget, settings=None):
     model.zero_grad(set_to_none=True)
     acc = Accelerator(cpu=True)
-    stats = accumulate_gradients(model, items, settings, budget, 2, acc)
+    stats = accumulate_gradients(model, items, settings or LossSettings(), budget, 2, acc)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
 
 
