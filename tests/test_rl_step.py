@@ -1,0 +1,86 @@
+"""One RL step with scripted rollouts: IML pairs, HSFT pushes and metrics, end to end."""
+
+import pytest
+
+import meml.trainer as trainer
+from conftest import tiny_overrides
+from meml.config import load_config
+from meml.rollout import Generation
+from meml.session import open_session
+
+
+class ScriptedEngine:
+    """Expert 1 always answers correctly (in 2 lengths), experts 0 and 2 always wrongly."""
+
+    def __init__(self, s):
+        self.s = s
+        self.calls = []
+
+    def generate(self, prompts, params):
+        self.calls.append(params)
+        out = []
+        for prompt in prompts:
+            qid, expert = next(k for k, v in self.s._prompt_cache.items() if v == prompt)
+            gold = self.s.examples_by_id[qid].answer
+            texts = [f"So it is {gold}. The answer is {gold}.", f"The answer is {gold}."] if expert == 1 else ["The answer is -1."] * 2
+            group = []
+            for j in range(params.num_samples):
+                ids = self.s.tokenizer(texts[j % 2], add_special_tokens=False)["input_ids"] + [self.s.tokenizer.eos_token_id]
+                group.append(Generation(ids, texts[j % 2], True))
+            out.append(group)
+        return out
+
+    def sync_weights(self, policy):
+        pass
+
+
+@pytest.fixture
+def session(tiny_model_dir, tmp_path):
+    cfg = load_config("meml", tiny_overrides(tiny_model_dir, tmp_path, **{"sft.enabled": "false", "algo.hsft.push_prob": 1.0, "algo.hsft.buffer_size": 100}))
+    s = open_session(cfg)
+    s.engine = ScriptedEngine(s)
+    return s
+
+
+def test_rl_step_pairs_weak_and_strong_experts_and_pushes_hard_examples(session, monkeypatch):
+    s = session
+    captured = []
+    real_step = trainer.optimizer_step
+
+    def spy(s_, opt, sched, items, settings):
+        captured.append(list(items))
+        return real_step(s_, opt, sched, items, settings)
+
+    monkeypatch.setattr(trainer, "optimizer_step", spy)
+    optimizer, scheduler = trainer.make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
+    metrics = trainer.rl_step(s, 1, optimizer, scheduler, None)
+
+    questions = trainer.question_batch(s, 1)
+    assert metrics["iml/fired"] == len(questions) == metrics["rescued"]
+    assert metrics["iml/strong/algebraist"] == len(questions) and metrics["iml/weak/tutor"] == len(questions)
+    assert metrics["correct/algebraist"] == 1.0 and metrics["correct/tutor"] == 0.0
+    assert metrics["zero_signal_frac"] == 1.0  # every (question, expert) group is all-right or all-wrong
+    iml = [it for it in captured[0] if it.kind == "iml"]
+    assert len(iml) == len(questions)
+    for it, q in zip(sorted(iml, key=lambda i: i.prompt_ids), sorted(questions, key=lambda q: s.prompt(q, 0))):
+        assert it.prompt_ids == s.prompt(q, 0)  # trained under the weak expert's prompt
+        text = s.tokenizer.decode(it.response_ids, skip_special_tokens=True)
+        assert text == f"The answer is {q.answer}."  # the strong expert's shortest correct answer
+    # experts 0 and 2 got every answer wrong (> K = 1 of G = 2): their gold solutions were pushed
+    assert metrics["hsft/pushed"] == 2 * len(questions) == len(s.buffer)
+    pushed = {(h.question_id, h.expert) for h in s.buffer.items}
+    assert pushed == {(q.id, e) for q in questions for e in (0, 2)}
+    assert all(it.kind != "pg" for it in captured[0])  # zero advantage everywhere: no PG sequence is forwarded
+
+
+def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
+    s = session
+    s.buffer.capacity = 3
+    captured = []
+    real_step = trainer.optimizer_step
+    monkeypatch.setattr(trainer, "optimizer_step", lambda *a: captured.append(list(a[3])) or real_step(*a))
+    optimizer, scheduler = trainer.make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
+    metrics = trainer.rl_step(s, 1, optimizer, scheduler, None)
+    sft = [it for it in captured[0] if it.kind == "sft"]
+    assert len(sft) == 4 and len(s.buffer) == 0 and metrics["hsft/flushes"] == 1
+    assert metrics["hsft/loss"] > 0
