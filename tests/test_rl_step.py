@@ -1,12 +1,12 @@
 """One RL step with scripted rollouts: IML pairs, HSFT pushes and metrics, end to end."""
 
 import pytest
-
-import meml.trainer as trainer
 from conftest import tiny_overrides
+
+import meml.riel as riel
 from meml.config import load_config
 from meml.rollout import Generation
-from meml.session import open_session
+from meml.session import make_optimizer, open_session
 
 
 class ScriptedEngine:
@@ -45,17 +45,17 @@ def session(tiny_model_dir, tmp_path):
 def test_rl_step_pairs_weak_and_strong_experts_and_pushes_hard_examples(session, monkeypatch):
     s = session
     captured = []
-    real_step = trainer.optimizer_step
+    real_step = riel.optimizer_step
 
     def spy(s_, opt, sched, items, settings):
         captured.append(list(items))
         return real_step(s_, opt, sched, items, settings)
 
-    monkeypatch.setattr(trainer, "optimizer_step", spy)
-    optimizer, scheduler = trainer.make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
-    metrics = trainer.rl_step(s, 1, optimizer, scheduler, None)
+    monkeypatch.setattr(riel, "optimizer_step", spy)
+    optimizer, scheduler = make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
+    metrics = riel.rl_step(s, 1, optimizer, scheduler, None)
 
-    questions = trainer.question_batch(s, 1)
+    questions = riel.question_batch(s, 1)
     assert metrics["iml/fired"] == len(questions) == metrics["rescued"]
     assert metrics["iml/strong/algebraist"] == len(questions) and metrics["iml/weak/tutor"] == len(questions)
     assert metrics["correct/algebraist"] == 1.0 and metrics["correct/tutor"] == 0.0
@@ -77,10 +77,10 @@ def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
     s = session
     s.buffer.capacity = 3
     captured = []
-    real_step = trainer.optimizer_step
-    monkeypatch.setattr(trainer, "optimizer_step", lambda *a: captured.append(list(a[3])) or real_step(*a))
-    optimizer, scheduler = trainer.make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
-    metrics = trainer.rl_step(s, 1, optimizer, scheduler, None)
+    real_step = riel.optimizer_step
+    monkeypatch.setattr(riel, "optimizer_step", lambda *a: captured.append(list(a[3])) or real_step(*a))
+    optimizer, scheduler = make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
+    metrics = riel.rl_step(s, 1, optimizer, scheduler, None)
     sft = [it for it in captured[0] if it.kind == "sft"]
     assert len(sft) == 4 and len(s.buffer) == 0 and metrics["hsft/flushes"] == 1
     assert metrics["hsft/loss"] > 0

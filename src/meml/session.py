@@ -148,3 +148,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def global_sum(s: Session, values: list[float]) -> list[float]:
+    """Sum a few numbers over all processes (collective: every process must call it)."""
+    t = torch.tensor(values, dtype=torch.float64, device=s.accelerator.device)
+    if s.accelerator.num_processes > 1:
+        t = s.accelerator.reduce(t, reduction="sum")
+    return t.tolist()
