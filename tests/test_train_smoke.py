@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,11 @@ def _records(run_dir, stage):
     return [r for r in map(json.loads, lines) if r.get("stage") == stage]
 
 
-@pytest.mark.parametrize("preset", list_presets())
+ALGORITHM_PRESETS = [p for p in list_presets() if not p.startswith("task_")]
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.mark.parametrize("preset", ALGORITHM_PRESETS)
 def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
     cfg = load_config(preset, tiny_overrides(tiny_model_dir, tmp_path))
     train(cfg, preset)
@@ -28,6 +33,16 @@ def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
         assert _records(tmp_path, "sft")
     assert (tmp_path / "config.yaml").exists()
     assert any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "mathqa", "strategyqa"])
+def test_task_presets_run_on_native_format_fixtures(task, tiny_model_dir, tmp_path):
+    """The task presets with the third expert's distilled traces swapped for none."""
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"task.path": FIXTURES / task, "task.options": "{}", "experts.2.trace_source": "none"})
+    cfg = load_config(f"task_{task}+meml", overrides)
+    train(cfg, f"task_{task}+meml")
+    assert [r["step"] for r in _records(tmp_path, "rl")] == [1, 2]
+    assert len(_records(tmp_path, "sft")) >= 1
 
 
 @pytest.mark.parametrize("preset", ["meml", "grpo"])

@@ -328,10 +328,13 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset YAML <- `key=value` overrides; type-checked and validated."""
+    """Defaults <- preset YAML(s) <- `key=value` overrides; type-checked and validated.
+
+    `preset` may join several with "+", applied left to right, e.g. "task_gsm8k+grpo".
+    """
     cfg = OmegaConf.structured(Config)
-    if preset:
-        path = _preset_path(preset)
+    for name in (preset.split("+") if preset else []):
+        path = _preset_path(name)
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a preset must be a mapping of overrides")

@@ -1,7 +1,7 @@
 """Stage-1 (MEF) traces: one worked solution per (question, expert).
 
-An expert's `trace_source` is either a rationale style the task provides ("prose",
-"equations", ...) or "file:PATH", a JSONL file of rows {"question_id", "expert",
+An expert's `trace_source` is a rationale style the task provides ("prose",
+"equations", ...), "none" (no stage-1 traces for this expert), or "file:PATH", a JSONL file of rows {"question_id", "expert",
 "response"} (as written by `meml distill`). Every trace from a file is verified against
 the gold answer; unverified ones are dropped and counted, never trained on.
 """
@@ -42,7 +42,9 @@ def load_expert_traces(task: Task, experts: list[Expert], examples: list[Example
     for i, expert in enumerate(experts):
         source = expert.trace_source
         kept = dropped = unknown = 0
-        if source.startswith("file:"):
+        if source == "none":
+            pass  # an expert without stage-1 traces: it learns only in stage 2
+        elif source.startswith("file:"):
             path = Path(source[len("file:") :]).expanduser()
             for row in read_trace_file(path):
                 if row["expert"] != expert.name:
