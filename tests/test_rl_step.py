@@ -16,7 +16,7 @@ class ScriptedEngine:
         self.s = s
         self.calls = []
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, seeds=None):
         self.calls.append(params)
         out = []
         for prompt in prompts:

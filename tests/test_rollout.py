@@ -80,3 +80,32 @@ def test_sync_weights_makes_the_copy_follow_the_policy(tiny_model_dir, tiny_toke
     eng.sync_weights(policy)
     for (name, a), (_, b) in zip(eng.model.named_parameters(), policy.named_parameters()):
         assert torch.equal(a, b.to(a.dtype)), name
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir, tiny_tokenizer, prompts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    eng = HFEngine(model, tiny_tokenizer, torch.float32, batch_size=64)
+    params = SamplingParams(num_samples=3, temperature=1.0, max_new_tokens=12)
+    together = _ids(eng.generate(prompts, params, seeds=[11, 22, 33]))
+    alone = _ids(eng.generate(prompts[2:], params, seeds=[33]))
+    assert together[2] == alone[0]
+
+
+def test_row_seeded_sampler_matches_the_distribution_and_top_p():
+    from meml.rollout import RowSeededSampler
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    scores = probs.log().repeat(4000, 1)
+    picked = RowSeededSampler(list(range(4000)), 1.0, 1.0, "cpu")(None, scores).argmax(-1)
+    freq = torch.bincount(picked, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+    # top_p = 0.7 keeps {0.5, 0.3}: renormalised 0.625 / 0.375, never the tail
+    picked = RowSeededSampler(list(range(4000)), 1.0, 0.7, "cpu")(None, scores).argmax(-1)
+    freq = torch.bincount(picked, minlength=4).float() / 4000
+    assert freq[2] == 0 and freq[3] == 0 and abs(freq[0] - 0.625) < 0.03
+    # temperature sharpens: at 0.5 the probabilities go as p^2
+    picked = RowSeededSampler(list(range(4000)), 0.5, 1.0, "cpu")(None, scores).argmax(-1)
+    sharp = probs**2 / (probs**2).sum()
+    assert torch.allclose(torch.bincount(picked, minlength=4).float() / 4000, sharp, atol=0.03)

@@ -28,7 +28,7 @@ from meml.iml import IMLPair, is_correct, select_pair
 from meml.losses import sequence_weights
 from meml.metrics_rl import rl_metrics
 from meml.rewards.functions import score_episodes
-from meml.rollout import SamplingParams
+from meml.rollout import SamplingParams, prompt_seed
 from meml.session import Session, global_sum
 from meml.types import Episode, Example
 from meml.update import LossSettings, TrainItem, optimizer_step, score_logprobs
@@ -79,9 +79,10 @@ def roll_out(s: Session, questions: list[Example], step: int) -> list[Episode]:
     cfg = s.cfg.rollout
     pairs = [(q, e) for q in questions for e in range(len(s.experts))]
     prompts = [s.prompt(q, e) for q, e in pairs]
-    seed = s.cfg.seed * 1_000_003 + step * 7919 + s.accelerator.process_index
-    params = SamplingParams(cfg.num_generations_per_expert, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed)
-    generations = s.engine.generate(prompts, params)
+    params = SamplingParams(cfg.num_generations_per_expert, cfg.temperature, cfg.top_p, cfg.max_new_tokens, s.cfg.seed)
+    # one seed per (question, expert): samples do not depend on batching or the process count
+    seeds = [prompt_seed(s.cfg.seed, step, q.id, e) for q, e in pairs]
+    generations = s.engine.generate(prompts, params, seeds)
     episodes = []
     for group_id, ((q, e), prompt, group) in enumerate(zip(pairs, prompts, generations)):
         for g in group:
@@ -100,11 +101,11 @@ def push_hard_examples(s: Session, questions: list[Example], by_question: dict[s
     """Push gold solutions of (question, expert) groups with more than K wrong answers."""
     h = s.cfg.algo.hsft
     G = s.cfg.rollout.num_generations_per_expert
-    rng = random.Random(f"{s.cfg.seed}:hsft:{step}:{s.accelerator.process_index}")
     pushed = []
     for q in questions:
         eps = by_question[q.id]
         for e in range(len(s.experts)):
+            rng = random.Random(f"{s.cfg.seed}:hsft:{step}:{q.id}:{e}")  # independent of the process count
             group = [x for x in eps if x.expert == e]
             wrong = sum(1 for x in group if x.reward is not None and not is_correct(x))
             if not should_push(wrong, G, h.max_wrong, h.push_prob, rng):

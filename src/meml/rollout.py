@@ -1,8 +1,11 @@
 """Rollout engines: the only module that knows how answers are generated.
 
 `make_engine` returns an object with two methods:
-  generate(prompts, params) -> for each prompt, `params.num_samples` Generations
-  sync_weights(policy)      -> make the engine sample from the policy's current weights
+  generate(prompts, params, seeds=None) -> for each prompt, `params.num_samples` Generations
+  sync_weights(policy)                  -> make the engine sample from the policy's current weights
+`seeds` gives each prompt its own sampling seed, so a prompt's samples do not depend on
+which other prompts share its batch or its process (the trainer derives them from the
+run seed, the step, the question and the expert). Without it, prompt i gets params.seed + i.
 The transformers engine keeps its own copy of the weights in the compute dtype (bf16 on
 hardware that has it): generating from the fp32 master weights under autocast would re-cast
 every weight at every token. After each update the copy is refreshed in place.
@@ -23,6 +26,41 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+
+
+def prompt_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (not Python's salted hash)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RowSeededSampler:
+    """A logits processor that samples each row with its own generator.
+
+    `generate` runs greedy decoding over the scores this returns (0 for the sampled token,
+    -inf elsewhere), so each row's tokens depend only on its own seed and its own logits:
+    the same prompt and seed give the same samples whatever the batch holds.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature  # (rows, vocab)
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, -1) >= self.top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(logits, -1)
+        picked = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])  # (rows,)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0]), picked] = 0.0
+        return out
 
 
 @dataclass
@@ -78,23 +116,21 @@ class HFEngine:
             param.copy_(source[name].detach())
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
+        seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
         per_call = max(1, self.batch_size // params.num_samples)
         out: list[list[Generation]] = []
-        devices = [device] if device.type == "cuda" else []
         for start in range(0, len(prompts), per_call):
-            chunk = prompts[start : start + per_call]
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(params.seed + start)  # per-call seed: same seed, same samples
-                out.extend(self._generate_chunk(chunk, params, device))
+            chunk = slice(start, start + per_call)
+            out.extend(self._generate_chunk(prompts[chunk], seeds[chunk], params, device))
         if was_training and not self._owns_copy:
             self.model.train()
         return out
 
-    def _generate_chunk(self, chunk: list[list[int]], params: SamplingParams, device) -> list[list[Generation]]:
+    def _generate_chunk(self, chunk: list[list[int]], seeds: list[int], params: SamplingParams, device) -> list[list[Generation]]:
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (prompts, width), left-padded
@@ -103,18 +139,23 @@ class HFEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention_mask[i, width - len(p) :] = 1
         greedy = params.temperature == 0
-        sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        samples = 1 if greedy else params.num_samples  # greedy samples are identical: generate once, repeat
+        processors = []
+        if not greedy:
+            row_seeds = [prompt_seed(seed, j) for seed in seeds for j in range(samples)]  # rows: samples of a prompt adjacent
+            processors = [RowSeededSampler(row_seeds, params.temperature, params.top_p, device)]
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        # A fresh generation config: a model's own defaults (repetition penalty, top-k, ...)
+        # would otherwise bend the sampling distribution away from the policy's.
+        config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids)
         sequences = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=not greedy,
-            max_new_tokens=params.max_new_tokens,
-            num_return_sequences=1 if greedy else params.num_samples,
-            pad_token_id=pad,
-            eos_token_id=self.stop_ids,
-            **sampling,
-        )  # (prompts * num_samples, width + new), samples of one prompt adjacent
-        if greedy:  # greedy samples are identical: generate once, repeat
+            input_ids=input_ids.repeat_interleave(samples, dim=0).to(device),
+            attention_mask=attention_mask.repeat_interleave(samples, dim=0).to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList(processors),
+        )  # (prompts * samples, width + new), samples of one prompt adjacent
+        if greedy:
             sequences = sequences.repeat_interleave(params.num_samples, dim=0)
         new_tokens = sequences[:, width:].tolist()
         result: list[list[Generation]] = []

@@ -104,7 +104,7 @@ def attach_model(s: Session, source: str | None = None) -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model_lib.compute_dtype(cfg.model.dtype, torch.device(device_type))
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    s.accelerator = Accelerator(mixed_precision=precision)
+    s.accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")  # cpu=True enables gloo multi-CPU
     if s.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -146,7 +146,7 @@ def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: L
     weight = torch.tensor([it.weight for it in items], device=device, dtype=torch.float32)  # (B,)
     coef = torch.tensor([it.coef for it in items], device=device, dtype=torch.float32)  # (B,)
     adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
-    stats: dict[str, float] = defaultdict(float)
+    stats: dict[str, float] = {"clip_frac_sum": 0.0, "kl_sum": 0.0}  # same keys on every process
 
     if settings.loss == "ppo_clip":
         has_old = all(it.old_logprobs is not None for it in items if it.kind == "pg")
@@ -208,6 +208,10 @@ def accumulate_gradients(model, items: list[TrainItem], settings: LossSettings, 
         totals["loss"] += float(loss.detach())
         for k, v in stats.items():
             totals[k] += v
+    if accelerator.num_processes > 1:  # losses and counts are sums over every process's items
+        keys = sorted(totals)
+        summed = accelerator.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device), "sum")
+        totals = dict(zip(keys, summed.tolist()))
     return dict(totals)
 
 
