@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
 from meml.config import load_config
 from meml.data.base import DataError
@@ -16,6 +15,8 @@ from meml.distill.output import TraceWriter, done_pairs
 from meml.distill.teachers import Pair, keep_first_verified
 from meml.rollout import Generation, HFEngine
 from meml.types import Example, Expert
+
+from conftest import tiny_overrides
 
 ROW_KEYS = {"question_id", "expert", "response", "teacher", "verified", "attempt", "finish_reason"}
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import tiny_overrides
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_overrides
 
 from meml.cli import main
 from meml.evaluate_cli import _pop_options
+
+from conftest import tiny_overrides
 
 
 def _lines(path):

@@ -9,9 +9,10 @@ import math
 import time
 
 import pytest
-from conftest import tiny_overrides
 
 from meml.logger import MetricsLogger, command_line
+
+from conftest import tiny_overrides
 
 RECORDS = [
     {"stage": "sft", "step": 1, "loss": 2.5},

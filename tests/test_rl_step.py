@@ -1,12 +1,13 @@
 """One RL step with scripted rollouts: IML pairs, HSFT pushes and metrics, end to end."""
 
 import pytest
-from conftest import tiny_overrides
 
 import meml.riel as riel
 from meml.config import load_config
 from meml.rollout import Generation
 from meml.session import make_optimizer, open_session
+
+from conftest import tiny_overrides
 
 
 class ScriptedEngine:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
 from meml.config import list_presets, load_config
 from meml.trainer import train
+
+from conftest import tiny_overrides
 
 
 def _records(run_dir, stage):

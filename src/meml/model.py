@@ -149,7 +149,13 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False  # training forward passes never use the KV cache
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation checkpointing; older releases gradient checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input under frozen embeddings
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

@@ -111,9 +111,11 @@ class HFEngine:
     def sync_weights(self, policy: torch.nn.Module) -> None:
         if not self._owns_copy:
             return
-        source = dict(policy.named_parameters())
+        # Only trainable weights change (under LoRA: the adapters); frozen ones stay as copied.
+        source = {n: p for n, p in policy.named_parameters() if p.requires_grad}
         for name, param in self.model.named_parameters():
-            param.copy_(source[name].detach())
+            if name in source:
+                param.copy_(source[name].detach())
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]:

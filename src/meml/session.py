@@ -126,7 +126,9 @@ def _count(model: torch.nn.Module, trainable: bool = False) -> int:
 
 
 def make_optimizer(params, lr: float, cfg: Config, total_steps: int):
+    """AdamW over the trainable parameters (LoRA adapters only, under LoRA) and its schedule."""
     o = cfg.optim
+    params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     from transformers import get_scheduler
 
