@@ -7,6 +7,7 @@
 Examples:
     meml train                               the embedded default (SmolLM2-135M, arithmetic, CPU)
     meml train grpo train.steps=20 optim.lr=1e-6
+    meml train --resume output_dir=runs/x     continue run x from its newest valid checkpoint
 
 Each further subcommand lives in its own module, which exposes `add_parser(subparsers)`
 registering a parser whose `func` default handles it (heavy imports stay inside `func`).
@@ -49,14 +50,30 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 1 a checkpoint could not be written or too many non-finite updates
+    (the last checkpoint stands); 2 bad config, data or model; 128 + signal after SIGTERM/SIGINT
+    (143/130: stopped cleanly with a checkpoint, or at once after a second signal)."""
+    from meml.checkpoint import CheckpointError
     from meml.trainer import train
+    from meml.update import NonFiniteError
 
     preset, overrides = split_args(ns.args)
     if ns.command == "sft":
         overrides = ["sft.enabled=true", "train.steps=0", *overrides]
+    if ns.resume:
+        overrides.append("checkpoint.resume=auto")
     cfg = load_config(preset, overrides)
-    train(cfg, preset)
-    return 0
+    try:
+        results = train(cfg, preset)
+    except (CheckpointError, NonFiniteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        print(f"interrupted ({exc or 'SIGINT'}); continue from the last checkpoint with --resume output_dir={cfg.output_dir or '<run>'}",
+              file=sys.stderr)
+        return 128 + signum
+    return 128 + results["stopped"]["signal"] if "stopped" in results else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("train", "stage 1 (MEF) then stage 2 (RL), as configured"), ("sft", "stage 1 only: multi-expert SFT")):
         p = sub.add_parser(name, help=text, epilog=f"presets: {presets}")
         p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
+        p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of output_dir (checkpoint.resume=auto)")
         p.set_defaults(func=cmd_train)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)

@@ -16,11 +16,12 @@ import signal
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from meml import checkpoint as ckpt
 from meml import sft as mef
-from meml.config import Config, to_yaml
+from meml.config import Config, to_dict, to_yaml
 from meml.evaluation import greedy_eval, records_as_dicts
 from meml.experts import response_ids
 from meml.logger import console_line
@@ -36,6 +37,7 @@ from meml.session import (
     set_rng_state,
 )
 from meml.update import LossSettings, NonFiniteError, optimizer_step
+from meml.validation import ConfigError
 
 log = logging.getLogger("meml")
 
@@ -43,84 +45,180 @@ log = logging.getLogger("meml")
 class StopRequested(RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the end of the step."""
 
+    def __init__(self, stage: str, step: int):
+        super().__init__(f"stopped on request after {stage} step {step}")
+        self.stage, self.step = stage, step
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT: stop at once, without saving (the last checkpoint stands)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped at once by a second signal {signal.Signals(signum).name}")
+        self.signum = signum
+
 
 # ----------------------------------------------------------------------------- entry point
 
 
 def train(cfg: Config, preset: str | None = None) -> dict:
-    """Run the configured stages; returns held-out accuracy before and after."""
+    """Run the configured stages; returns held-out accuracy before and after.
+
+    With checkpoint.resume=auto (`meml train --resume`) it continues from the newest valid
+    checkpoint of output_dir and replays exactly what an uninterrupted run would have done.
+    After SIGTERM/SIGINT the step finishes, a checkpoint is saved, and the result holds
+    "stopped": {"stage", "step", "signal"} (`meml train` then exits with 128 + signal).
+    """
     s = open_session(cfg, preset, load_model=False)  # config, data and rewards checked first
     resume = find_resume_checkpoint(cfg, s.run_dir)
+    ckpt.check_writable(s.run_dir)  # before the model loads: an unwritable output_dir costs nothing
     manifest = ckpt.read_manifest(resume) if resume else None
     attach_model(s, source=str(resume / "model") if resume and not cfg.model.lora.enabled else None)
     if resume and cfg.model.lora.enabled:
         load_adapter(s, resume / "model")
-    install_signal_handlers(s)
-    results: dict = {}
     if s.is_main:
         log.info("run directory: %s\n%s", s.run_dir, to_yaml(cfg))
-    if cfg.eval.before and not resume:
-        results["before"] = evaluate(s, "before", step=0)
+        _warn_if_low_space(s)
+    signals = install_signal_handlers(s)
+    results: dict = {}
     try:
+        if cfg.eval.before and not resume:
+            results["before"] = evaluate(s, "before", step=0)
+        elif cfg.eval.before and (before := _logged_eval(s, "before")) is not None:
+            results["before"] = before  # evaluated by the first start of this run
         stage, step = (manifest["stage"], manifest["step"]) if manifest else (None, 0)
         if cfg.sft.enabled and stage in (None, "sft"):
             run_mef(s, start_step=step if stage == "sft" else 0, state=_state(resume) if stage == "sft" else None)
         if cfg.train.steps > 0:
             run_rl(s, start_step=step if stage == "rl" else 0, state=_state(resume) if stage == "rl" else None)
-    except StopRequested:
-        log.warning("stopped on request; resume with checkpoint.resume=auto output_dir=%s", s.run_dir)
+        if cfg.eval.after:
+            results["after"] = evaluate(s, "after", step=cfg.train.steps)
+        if s.is_main:
+            report_accuracy(results)
+            (s.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    except StopRequested as stop:
+        results["stopped"] = {"stage": stop.stage, "step": stop.step, "signal": signals.signum}
+        log.warning("stopped after %s step %d; continue with: meml train --resume output_dir=%s (and the same settings)",
+                    stop.stage, stop.step, s.run_dir)
+    finally:
+        signals.restore()
         s.logger.close()
-        return results
-    if cfg.eval.after:
-        results["after"] = evaluate(s, "after", step=cfg.train.steps)
-    if s.is_main:
-        report_accuracy(results)
-        (s.run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    s.logger.close()
     return results
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), validated; strays are cleaned.
+
+    A fresh run refuses an output_dir that already holds checkpoints: its saves would
+    prune them and its metrics would mix with theirs.
+    """
+    existing = ckpt.list_checkpoints(run_dir)
     if cfg.checkpoint.resume == "none":
+        if existing:
+            raise ConfigError(
+                f"output_dir {run_dir} already holds checkpoints (newest {existing[-1].name}); continue that run with "
+                "--resume (checkpoint.resume=auto), or choose a new output_dir"
+            )
         return None
     if cfg.checkpoint.resume == "auto":
         if not cfg.output_dir:
-            raise ValueError("checkpoint.resume=auto needs output_dir=<the run directory to resume>")
+            raise ConfigError("checkpoint.resume=auto (--resume) needs output_dir=<the run directory to resume>")
+        ckpt.clean_strays(run_dir)
         found = ckpt.find_latest(run_dir)
         if found is None:
-            log.info("checkpoint.resume=auto: no valid checkpoint in %s, starting fresh", run_dir)
-        return found
-    path = Path(cfg.checkpoint.resume)
-    reason = ckpt.validate_checkpoint(path)
-    if reason:
-        raise ValueError(f"checkpoint.resume={path}: not a valid checkpoint ({reason})")
-    return path
+            if existing:
+                raise ConfigError(f"checkpoint.resume=auto: no valid checkpoint in {run_dir / 'checkpoints'} (reasons above)")
+            log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+            return None
+    else:
+        found = Path(cfg.checkpoint.resume)
+        reason = ckpt.validate_checkpoint(found)
+        if reason:
+            raise ConfigError(f"checkpoint.resume={found}: not a valid checkpoint ({reason})")
+        if existing and found.parent != run_dir / "checkpoints":
+            raise ConfigError(f"output_dir {run_dir} already holds checkpoints of another run; choose a new output_dir")
+        ckpt.clean_strays(run_dir)
+    manifest = ckpt.read_manifest(found)
+    log.info("resuming from %s (%s step %d)", found, manifest["stage"], manifest["step"])
+    changed = ckpt.config_changes(found, to_dict(cfg))
+    if changed:
+        log.warning("resuming with a changed config (an exact replay needs the same one): %s", "; ".join(changed))
+    return found
 
 
 def _state(path: Path | None) -> dict | None:
     return ckpt.load_trainer_state(path) if path else None
 
 
+def _logged_eval(s: Session, tag: str) -> dict | None:
+    """An eval summary an earlier start of this run logged (resume skips re-evaluating it)."""
+    path = s.run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("stage") == "eval" and rec.get("tag") == tag:
+            return {k: v for k, v in rec.items() if k not in ("stage", "tag", "step")}
+    return None
+
+
+def _warn_if_low_space(s: Session) -> None:
+    params = list(s.unwrapped.parameters())
+    trainable = sum(p.numel() * 4 for p in params if p.requires_grad)  # fp32 master copy
+    weights = trainable if s.cfg.model.lora.enabled else sum(p.numel() * p.element_size() for p in params)
+    ckpt.warn_if_low_space(s.run_dir, weights + 2 * trainable, s.cfg.checkpoint.keep_last)  # + AdamW's two moments
+
+
 def load_adapter(s: Session, path: Path) -> None:
+    """Under LoRA a checkpoint holds only the adapter: load it onto the freshly built one."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(s.unwrapped, load_file(str(path / "adapter_model.safetensors")))
+    result = set_peft_model_state_dict(s.unwrapped, load_file(str(path / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: adapter weights that fit no LoRA module of this model: {result.unexpected_keys[:5]}")
     s.engine.sync_weights(s.unwrapped)
 
 
-def install_signal_handlers(s: Session) -> None:
-    def request_stop(signum, _frame):
-        if s.stop_requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        log.warning("received signal %d: finishing this step, saving a checkpoint, then exiting", signum)
-        s.stop_requested = True
+class StopSignals:
+    """Handlers for SIGTERM and SIGINT during a run.
 
-    try:
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-    except ValueError:  # not the main thread (e.g. under some test runners)
-        pass
+    The first signal sets s.stop_requested: the step finishes, a checkpoint is saved and the
+    run stops. A second one raises `Interrupted` at once (nothing more is saved; a
+    checkpoint being written is abandoned and its temporary directory removed).
+    `restore` puts back the handlers that were there before.
+    """
+
+    def __init__(self, s: Session):
+        self.s, self.signum, self._previous = s, 0, {}
+
+    def __call__(self, signum, _frame) -> None:
+        if self.s.stop_requested:
+            raise Interrupted(signum)
+        self.signum = signum
+        self.s.stop_requested = True
+        log.warning("received %s: finishing this step, saving a checkpoint, then exiting (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def install(self) -> StopSignals:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self)
+        except ValueError:  # not the main thread: signals stay with whoever owns them
+            pass
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def install_signal_handlers(s: Session) -> StopSignals:
+    return StopSignals(s).install()
 
 
 # ----------------------------------------------------------------------------- stages
@@ -131,7 +229,7 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
     cfg = s.cfg
     keys = mef.trace_keys(s)
     total = mef.total_steps(s)
-    optimizer, scheduler = make_optimizer(s.policy.parameters(), cfg.sft.lr, cfg, total)
+    optimizer, scheduler = make_optimizer(s.policy.parameters(), cfg.sft.lr, cfg, total, s.accelerator)
     if state:
         restore(s, state, optimizer, scheduler)
     if s.is_main:
@@ -145,7 +243,7 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
         global_tokens = int(global_sum(s, [tokens])[0])
         stats = optimizer_step(s, optimizer, scheduler, mef.sft_items(s, local, global_tokens), LossSettings())
         dt = time.perf_counter() - t0
-        return {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "skipped": stats["skipped"],
+        return {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "skipped_updates": stats["skipped"],
                 "tokens": global_tokens, "tokens_per_s": global_tokens / dt, "step_time_s": dt}
 
     run_stage(s, "sft", start_step, total, step_fn, optimizer, scheduler)
@@ -157,20 +255,33 @@ def run_rl(s: Session, start_step: int = 0, state: dict | None = None) -> None:
     world = s.accelerator.num_processes
     if cfg.train.questions_per_step % world:
         raise ValueError(f"train.questions_per_step={cfg.train.questions_per_step} must be divisible by the {world} processes")
-    optimizer, scheduler = make_optimizer(s.policy.parameters(), cfg.optim.lr, cfg, cfg.train.steps)
+    optimizer, scheduler = make_optimizer(s.policy.parameters(), cfg.optim.lr, cfg, cfg.train.steps, s.accelerator)
     if state:
         restore(s, state, optimizer, scheduler)
-    reference = frozen_copy(s.unwrapped) if cfg.algo.kl_coef > 0 else None  # only when the KL term is on
+    # The KL reference is the policy when RL started (after MEF); a resumed run gets it back
+    # from the checkpoint, since the policy it loaded has moved on.
+    reference = frozen_copy(s.unwrapped) if cfg.algo.kl_coef > 0 else None
+    if reference is not None and state:
+        if "reference" not in state:
+            log.warning("the checkpoint holds no KL reference (saved with algo.kl_coef=0); the resumed weights become it")
+        else:
+            ref_params = dict(reference.named_parameters())
+            with torch.no_grad():
+                for name, value in state["reference"].items():
+                    ref_params[name].copy_(value)
     if s.is_main:
         log.info("stage 2 (RL): %d steps x %d questions x %d experts x %d answers", cfg.train.steps,
                  cfg.train.questions_per_step, len(s.experts), cfg.rollout.num_generations_per_expert)
-    run_stage(s, "rl", start_step, cfg.train.steps, lambda step: rl_step(s, step, optimizer, scheduler, reference), optimizer, scheduler)
+    run_stage(s, "rl", start_step, cfg.train.steps, lambda step: rl_step(s, step, optimizer, scheduler, reference),
+              optimizer, scheduler, reference)
 
 
-def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, optimizer, scheduler) -> None:
+def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, optimizer, scheduler, reference=None) -> None:
     """Steps start_step+1..total with logging, periodic eval, checkpoints and signals."""
     cfg = s.cfg
     s.logger.truncate_after(stage, start_step)
+    if s.is_main:
+        _truncate_samples(s.run_dir / "samples.jsonl", start_step if stage == "rl" else 0)
     bar = tqdm(range(start_step + 1, total + 1), desc=f"{stage}", disable=not (cfg.log.progress and s.is_main), initial=start_step, total=total)
     for step in bar:
         record = {"stage": stage, "step": step, **step_fn(step)}
@@ -181,21 +292,42 @@ def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, opti
         if stage == "rl" and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != total:
             evaluate(s, f"step{step}", step)
         bad = s.counters["bad_streak"] >= cfg.train.max_bad_steps
+        stop = s.stop_requested if s.accelerator.num_processes == 1 else global_sum(s, [float(s.stop_requested)])[0] > 0
         due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if due or step == total or s.stop_requested or bad:
-            save(s, stage, step, optimizer, scheduler)
+        if due or step == total or stop or bad:
+            save(s, stage, step, optimizer, scheduler, reference)
         if bad:
             raise NonFiniteError(
                 f"{cfg.train.max_bad_steps} updates in a row had a non-finite loss or gradient (stage {stage}, step {step}); "
-                f"the last good weights are saved in {s.run_dir / 'checkpoints'}. Lower the learning rate or check the data."
+                f"stopped. The last good weights are saved in {s.run_dir / 'checkpoints' / ckpt.checkpoint_name(stage, step)}. "
+                "Lower the learning rate or check the data, then continue with --resume."
             )
-        if s.stop_requested:
-            raise StopRequested(stage)
+        if stop:
+            raise StopRequested(stage, step)
 
 
-def save(s: Session, stage: str, step: int, optimizer, scheduler) -> None:
+def _truncate_samples(path: Path, last_step: int) -> None:
+    """Drop sample lines of RL steps after `last_step`, written before a kill (resume rewrites them)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _sample_step(line) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _sample_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a line cut by the kill
+
+
+def save(s: Session, stage: str, step: int, optimizer, scheduler, reference=None) -> None:
+    """A checkpoint of everything the next step depends on (main process writes it)."""
     state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "buffer": s.buffer.state_dict(), "counters": dict(s.counters)}
+             "rng": rng_state(), "buffer": s.buffer.state_dict(), "counters": dict(s.counters), "position": _position(s, stage, step)}
+    if reference is not None:  # only what training changes (the adapter under LoRA)
+        trainable = {n for n, p in s.unwrapped.named_parameters() if p.requires_grad}
+        state["reference"] = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if n in trainable}
     s.accelerator.wait_for_everyone()
     if s.is_main:
         path = ckpt.save_checkpoint(s.run_dir, stage, step, s.unwrapped, s.tokenizer, state, to_yaml(s.cfg), s.cfg.checkpoint.keep_last)
@@ -203,12 +335,23 @@ def save(s: Session, stage: str, step: int, optimizer, scheduler) -> None:
     s.accelerator.wait_for_everyone()
 
 
+def _position(s: Session, stage: str, step: int) -> dict:
+    """Where the data stands, for inspection: the next batch is derived from (seed, step) anyway."""
+    if stage == "rl":
+        seen = step * s.cfg.train.questions_per_step
+        return {"questions_seen": seen, "epoch": seen // max(1, len(s.train_examples))}
+    per_epoch = mef.steps_per_epoch(len(mef.trace_keys(s)), s.cfg.sft.batch_size)
+    return {"batches_seen": step, "epoch": step // per_epoch}
+
+
 def restore(s: Session, state: dict, optimizer, scheduler) -> None:
+    """Put back what `save` wrote. Called after everything that draws random numbers at
+    setup (model init, LoRA init, optimizer), so the RNG state is the one saved."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
     s.buffer.load_state_dict(state["buffer"])
     s.counters.update(state["counters"])
+    set_rng_state(state["rng"])
 
 
 # ----------------------------------------------------------------------------- evaluation

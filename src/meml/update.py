@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from meml import losses
+
+log = logging.getLogger("meml")
 
 
 @dataclass
@@ -223,14 +227,17 @@ def _dummy(items: list[TrainItem]) -> TrainItem:
 
 
 class NonFiniteError(RuntimeError):
-    """Too many updates in a row had a non-finite loss or gradient."""
+    """train.max_bad_steps updates in a row had a non-finite loss or gradient; the run
+    stopped after saving a checkpoint of the last good weights."""
 
 
 def optimizer_step(s, optimizer, scheduler, items: list[TrainItem], settings: LossSettings) -> dict:
     """One optimizer step on `items`: accumulate, check finiteness, clip, step.
 
-    A non-finite loss or gradient norm skips the update (gradients dropped) and is
-    counted in s.counters["bad_streak"]; the caller stops the run after too many in a row.
+    A non-finite loss or gradient norm skips the update: gradients are dropped, and the
+    weights, the optimizer's moments and the schedule stay as they were. It is counted in
+    s.counters ("bad_streak", reset by a good update, and "skipped_updates"); the training
+    loop stops the run after train.max_bad_steps in a row.
     """
     cfg = s.cfg
     optimizer.zero_grad(set_to_none=True)
@@ -247,6 +254,9 @@ def optimizer_step(s, optimizer, scheduler, items: list[TrainItem], settings: Lo
         optimizer.zero_grad(set_to_none=True)
         s.counters["bad_streak"] += 1
         s.counters["skipped_updates"] += 1
+        log.warning("non-finite %s (loss %s, grad norm %s): update skipped, %d in a row (the run stops at %d), %d in all",
+                    "loss" if not math.isfinite(stats.get("loss", 0.0)) else "gradient", stats.get("loss", 0.0), grad_norm,
+                    s.counters["bad_streak"], cfg.train.max_bad_steps, s.counters["skipped_updates"])
     stats["grad_norm"] = grad_norm
     stats["skipped"] = 0.0 if finite else 1.0
     stats["lr"] = scheduler.get_last_lr()[0]

@@ -6,18 +6,26 @@ are the user messages, completions the generated texts, and columns hold, aligne
 them: answer, question_id, expert, finished, completion_ids and every extra dataset
 column. None means "does not apply to this completion" and is skipped in the sum.
 
-A function that raises or runs past `timeout_s` is retried one completion at a time, so
-only the completions that really fail get None; failures are counted and logged with the
-example id, and training goes on. (A timed-out call's thread cannot be killed in Python;
-it is abandoned and finishes in the background.)
+A function that raises, returns something malformed, or runs past `timeout_s` on the
+batch is retried one completion at a time (the retries run concurrently, each with its
+own timeout_s, so a step waits at most about 2 x timeout_s per function), and only the
+completions that really fail get None. Failures are counted (RewardStats, the
+`reward_failures` metric) and logged with the example ids, and training goes on.
+Each call runs on its own daemon thread: a timed-out call cannot be killed in Python, so
+it is abandoned and finishes in the background without holding up the step or the exit
+of the process. A function with more than MAX_ABANDONED such calls still running is not
+called again until they finish: its completions get None. User functions should thus be
+thread-safe.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import importlib
 import logging
 import math
+import numbers
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -57,46 +65,88 @@ class RewardStats:
     failed_ids: list[str] = field(default_factory=list)
 
 
-_POOL = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="meml-reward")
+MAX_ABANDONED = 32  # timed-out calls of one function still running before it is skipped
+_abandoned: dict[str, list[threading.Thread]] = {}
 
 
-def _call(fn: RewardFn, timeout_s: float, prompts: list[str], completions: list[str], columns: dict) -> list:
-    future = _POOL.submit(fn, prompts, completions, **columns)
-    values = future.result(timeout=timeout_s)
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        raise ValueError(f"returned {type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}, expected a list of {len(completions)}")
+class _Call:
+    """fn(*args, **kwargs) on a daemon thread; `result` waits until a deadline."""
+
+    def __init__(self, fn: RewardFn, *args, **kwargs):
+        self._done = threading.Event()
+        self._value, self._error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True, name="meml-reward")
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self, deadline: float, name: str):
+        if not self._done.wait(max(0.0, deadline - time.monotonic())):
+            _abandoned.setdefault(name, []).append(self.thread)
+            raise TimeoutError
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _checked(values, n: int) -> list[float | None]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ValueError(f"returned {type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}, expected a list of {n}")
     out = []
     for v in values:
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):  # numpy scalars too
             raise ValueError(f"returned a non-finite or non-numeric value {v!r}")
         out.append(None if v is None else float(v))
     return out
+
+
+def _still_running(name: str) -> int:
+    alive = [t for t in _abandoned.get(name, []) if t.is_alive()]
+    _abandoned[name] = alive
+    return len(alive)
 
 
 def call_reward_function(
     fn: RewardFn, name: str, prompts: list[str], completions: list[str], columns: dict, timeout_s: float, ids: Sequence[str], stats: RewardStats
 ) -> list[float | None]:
     """One function over a batch; failing completions get None, the others their value."""
+    n = len(completions)
+    if _still_running(name) > MAX_ABANDONED:
+        log.warning("reward function %s: %d timed-out calls are still running; not called this step, its %d completions get None",
+                    name, _still_running(name), n)
+        stats.failures += n
+        stats.failed_ids.extend(ids)
+        return [None] * n
     try:
-        return _call(fn, timeout_s, prompts, completions, columns)
+        return _checked(_Call(fn, prompts, completions, **columns).result(time.monotonic() + timeout_s, name), n)
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
-        log.warning("reward function %s failed on a batch (%s); retrying one completion at a time", name, _describe(exc))
+        log.info("reward function %s failed on a batch of %d (%s); retrying one completion at a time", name, n, _describe(exc, timeout_s))
+    deadline = time.monotonic() + timeout_s
+    calls = [_Call(fn, prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()}) for i in range(n)]
     values: list[float | None] = []
-    for i in range(len(completions)):
-        one = {k: v[i : i + 1] for k, v in columns.items()}
+    failed: dict[str, list[str]] = {}  # reason -> example ids
+    for i, call in enumerate(calls):
         try:
-            values.append(_call(fn, timeout_s, prompts[i : i + 1], completions[i : i + 1], one)[0])
+            values.append(_checked(call.result(deadline, name), 1)[0])
         except Exception as exc:  # noqa: BLE001
-            log.warning("reward function %s failed on example %s: %s", name, ids[i], _describe(exc))
-            stats.failures += 1
+            failed.setdefault(_describe(exc, timeout_s), []).append(ids[i])
             stats.failed_ids.append(ids[i])
             values.append(None)
+    stats.failures += sum(map(len, failed.values()))
+    for reason, where in failed.items():
+        log.warning("reward function %s gave None on %d of %d completions (%s); examples: %s", name, len(where), n, reason, ", ".join(where))
     return values
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, cf.TimeoutError):
-        return "timed out"
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after reward.timeout_s={timeout_s:g}"
     return f"{type(exc).__name__}: {exc}"
 
 
