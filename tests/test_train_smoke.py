@@ -59,7 +59,9 @@ def test_two_steps_change_every_trainable_parameter(preset, tiny_model_dir, tmp_
     cfg = load_config(preset, overrides)
     train(cfg, preset)
     rl = _records(tmp_path, "rl")
-    assert len(rl) == 2 and all(math.isfinite(r["loss"]) and r["loss"] != 0 for r in rl)
+    # (a PPO-clip loss at ratio 1 is -mean(A), which is 0 for group-centred advantages: check gradients)
+    assert len(rl) == 2 and all(math.isfinite(r["loss"]) for r in rl)
+    assert all(r["grad_norm"] > 0 for r in rl if r["zero_signal_frac"] < 1)
     for key in ("reward/mean", "zero_signal_frac", "completion_len", "tokens_per_s", "step_time_s", "kl", "iml/fired"):
         assert key in rl[0], key
     ckpt = sorted((tmp_path / "checkpoints").iterdir())[-1]

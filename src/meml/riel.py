@@ -29,7 +29,7 @@ from meml.losses import sequence_weights
 from meml.metrics_rl import rl_metrics
 from meml.rewards.functions import score_episodes
 from meml.rollout import SamplingParams, prompt_seed
-from meml.session import Session, global_sum
+from meml.session import Session, global_sum, sync_rollout_weights
 from meml.types import Episode, Example
 from meml.update import LossSettings, TrainItem, optimizer_step, score_logprobs
 
@@ -52,7 +52,7 @@ def rl_step(s: Session, step: int, optimizer, scheduler, reference) -> dict:
     flushed = _flush_buffer(s)
     t_score = time.perf_counter()
     stats = update_policy(s, optimizer, scheduler, episodes, advantages, pairs, flushed, reference, step)
-    s.engine.sync_weights(s.unwrapped)
+    sync_rollout_weights(s)
     t_end = time.perf_counter()
     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
         log_samples(s, episodes, step)

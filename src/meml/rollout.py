@@ -90,11 +90,11 @@ def split_completion(row: list[int], stop_ids: list[int]) -> tuple[list[int], bo
 class HFEngine:
     """Batched `generate` from transformers with left padding."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int):
+    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int, share_weights: bool = True):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(policy, tokenizer)
-        if dtype == torch.float32:
+        if dtype == torch.float32 and share_weights:
             self.model = policy  # no copy needed: generate from the master weights
             self._owns_copy = False
         else:
@@ -116,6 +116,13 @@ class HFEngine:
         for name, param in self.model.named_parameters():
             if name in source:
                 param.copy_(source[name].detach())
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy full (gathered) weights in, e.g. from accelerate's get_state_dict under FSDP."""
+        for name, param in self.model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]:
@@ -171,9 +178,10 @@ class HFEngine:
         return result
 
 
-def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int):
+def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int, share_weights: bool = True):
+    """share_weights: an fp32 engine may generate from the policy's own weights (no copy)."""
     if backend == "hf":
-        return HFEngine(policy, tokenizer, dtype, batch_size)
+        return HFEngine(policy, tokenizer, dtype, batch_size, share_weights)
     if backend == "vllm":
         from meml.rollout_vllm import VLLMEngine  # optional extra
 

@@ -111,8 +111,9 @@ def attach_model(s: Session, source: str | None = None) -> None:
     source = source or model_lib.resolve_model_source(cfg.model)
     s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
     policy = model_lib.load_policy(cfg.model, source)
+    # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
+    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size, share_weights=not _sharded(s))
     s.policy = s.accelerator.prepare_model(policy)
-    s.engine = make_engine(cfg.rollout.backend, s.unwrapped, s.tokenizer, dtype, cfg.rollout.batch_size)
     s.logger = MetricsLogger(
         s.run_dir, cfg.log.backends, to_dict(cfg), enabled=s.is_main, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode
     )
@@ -121,12 +122,32 @@ def attach_model(s: Session, source: str | None = None) -> None:
              cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
 
 
+def _sharded(s: Session) -> bool:
+    from accelerate.utils import DistributedType
+
+    return s.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def sync_rollout_weights(s: Session) -> None:
+    """Make the rollout engine sample from the policy's current weights.
+
+    Under FSDP or DeepSpeed the full weights are gathered first (a collective call)."""
+    if _sharded(s):
+        s.engine.load_state_dict(s.accelerator.get_state_dict(s.policy))
+    else:
+        s.engine.sync_weights(s.unwrapped)
+
+
 def _count(model: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def make_optimizer(params, lr: float, cfg: Config, total_steps: int):
-    """AdamW over the trainable parameters (LoRA adapters only, under LoRA) and its schedule."""
+def make_optimizer(params, lr: float, cfg: Config, total_steps: int, accelerator=None):
+    """AdamW over the trainable parameters (LoRA adapters only, under LoRA) and its schedule.
+
+    With an accelerator the optimizer is prepared by it (fp16 loss scaling, DeepSpeed); the
+    scheduler is not, since accelerate would step it once per process.
+    """
     o = cfg.optim
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
@@ -134,6 +155,8 @@ def make_optimizer(params, lr: float, cfg: Config, total_steps: int):
 
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(1, total_steps))
+    if accelerator is not None:
+        optimizer = accelerator.prepare_optimizer(optimizer)
     return optimizer, scheduler
 
 
