@@ -12,9 +12,9 @@ vLLM layers whose weights differ from it are pushed (a full push on the first sy
 Sampling is mapped one to one from `SamplingParams`: temperature 0 is greedy (one sequence,
 copied `num_samples` times, as transformers does), top_k is off, top_p as given, generation
 stops at the same stop ids as `HFEngine` (the generation config's eos ids plus the
-tokenizer's eos) and the stop token is kept in `token_ids`. Each prompt gets its own seed
-derived from (call seed, prompt index); vLLM gives the n samples of a request seeds
-seed, seed + 1, ..., so a call is reproducible. `Generation.logprobs` are vLLM's *raw*
+tokenizer's eos) and the stop token is kept in `token_ids`. Every sample is its own vLLM
+request seeded like HFEngine's rows, prompt_seed(prompt's seed, sample index), so a
+prompt's samples do not depend on what else is in the batch. `Generation.logprobs` are vLLM's *raw*
 log-probs of the sampled tokens: log_softmax of the logits before temperature and top_p,
 the same quantity the trainer recomputes with the policy (equal to the sampling
 distribution's log-probs at the default temperature 1.0 and top_p 1.0).
@@ -28,7 +28,6 @@ trainer runs as it would without it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meml.rollout import Generation, SamplingParams, stop_token_ids
+from meml.rollout import Generation, SamplingParams, prompt_seed, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,9 @@ def _env_float(name: str, default: float | None) -> float | None:
 class VLLMSettings:
     """vLLM knobs, from MEML_VLLM_* environment variables until RolloutConfig has them."""
 
-    kv_cache_gib: float | None = None  # KV cache size; None: 1 GiB on CPU, gpu_memory_utilization on GPU
+    kv_cache_gib: float | None = (
+        None  # KV cache size; None: 1 GiB on CPU, gpu_memory_utilization on GPU
+    )
     gpu_memory_utilization: float = 0.3  # GPU only: vLLM's share of GPU memory (weights + KV cache)
     max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
     max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
@@ -92,12 +93,6 @@ class VLLMSettings:
         )
 
 
-def request_seed(call_seed: int, prompt_index: int) -> int:
-    """A per-prompt seed: distinct across prompts and calls, the same for the same pair."""
-    digest = hashlib.blake2b(f"{call_seed}:{prompt_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2  # leaves room for vLLM's seed + sample index
-
-
 def policy_source(policy: torch.nn.Module) -> str:
     """The directory (or hub id) the policy was loaded from; vLLM loads the same one."""
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
@@ -109,7 +104,9 @@ def policy_source(policy: torch.nn.Module) -> str:
             "save_pretrained and load it from there, or use rollout.backend=hf"
         )
     if Path(source).exists() and not (Path(source) / "config.json").exists():
-        raise VLLMEngineError(f"rollout.backend=vllm: {source} has no config.json, vLLM cannot load it")
+        raise VLLMEngineError(
+            f"rollout.backend=vllm: {source} has no config.json, vLLM cannot load it"
+        )
     return str(source)
 
 
@@ -210,8 +207,14 @@ def _keep_process_state():
 class VLLMEngine:
     """vLLM's `LLM` in this process, with the same generate/sync_weights as `HFEngine`."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int,
-                 settings: VLLMSettings | None = None):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        dtype: torch.dtype,
+        batch_size: int,
+        settings: VLLMSettings | None = None,
+    ):
         try:
             import vllm
         except ImportError as exc:
@@ -235,9 +238,16 @@ class VLLMEngine:
         self.packed_modules = self.llm.collective_rpc(_packed_modules)[0]
         self._versions: dict[str, tuple[int, ...]] = {}  # weight versions the engine holds
         self.last_sync: dict = {}
-        self.sync_weights(policy, full=True)  # the engine loaded the files; the policy in memory is the truth
-        log.info("vLLM %s engine on %s started in %.1f s (%s)", vllm.__version__,
-                 "GPU" if self.on_gpu else "CPU", self.startup_s, self.source)
+        self.sync_weights(
+            policy, full=True
+        )  # the engine loaded the files; the policy in memory is the truth
+        log.info(
+            "vLLM %s engine on %s started in %.1f s (%s)",
+            vllm.__version__,
+            "GPU" if self.on_gpu else "CPU",
+            self.startup_s,
+            self.source,
+        )
 
     def _engine_args(self, policy: torch.nn.Module) -> dict:
         s = self.settings
@@ -294,49 +304,90 @@ class VLLMEngine:
                 push.extend((n, weights[n].to(self.dtype)) for n in names)
         t_select = time.perf_counter()
         if push:
-            with _keep_process_state():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": push})
-                self.llm.collective_rpc(_refresh_tied_layers)
-            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self._push(push)
         self._versions = versions
         t_end = time.perf_counter()
         self.last_sync = {
-            "layers_pushed": layers_pushed, "layers": len(groups), "tensors_pushed": len(push), "elements_pushed": sum(t.numel() for _, t in push),
-            "select_s": t_select - t0, "push_s": t_end - t_select, "sync_s": t_end - t0,
+            "layers_pushed": layers_pushed,
+            "layers": len(groups),
+            "tensors_pushed": len(push),
+            "elements_pushed": sum(t.numel() for _, t in push),
+            "select_s": t_select - t0,
+            "push_s": t_end - t_select,
+            "sync_s": t_end - t0,
         }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Push full (gathered) weights, e.g. accelerate's get_state_dict under FSDP/ZeRO-3."""
+        adapters = [name for name in state if ".lora_" in name]
+        if adapters:
+            raise VLLMEngineError(
+                f"rollout.backend=vllm: the gathered weights hold LoRA adapters ({adapters[0]}, ...); "
+                "with sharded training use full fine-tuning or rollout.backend=hf"
+            )
+        t0 = time.perf_counter()
+        push = [(name, tensor.to(self.dtype)) for name, tensor in state.items()]
+        self._push(push)
+        self._versions = {}  # what the engine holds no longer follows the policy's counters
+        self.last_sync = {
+            "layers_pushed": None,
+            "tensors_pushed": len(push),
+            "elements_pushed": sum(t.numel() for _, t in push),
+            "sync_s": time.perf_counter() - t0,
+        }
+
+    def _push(self, push: list[tuple[str, torch.Tensor]]) -> None:
+        with _keep_process_state():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": push})
+            self.llm.collective_rpc(_refresh_tied_layers)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     # --------------------------------------------------------------------- generation
 
-    def _request(self, params: SamplingParams, prompt_index: int):
+    def _request(self, params: SamplingParams, seed: int):
         from vllm import SamplingParams as VSamplingParams
 
         greedy = params.temperature == 0
         return VSamplingParams(
-            n=1 if greedy else params.num_samples,  # vLLM refuses n > 1 when greedy
+            n=1,  # one request per sample, each with its own seed, as HFEngine's rows
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             top_k=0,  # off, as in HFEngine
             max_tokens=params.max_new_tokens,
-            seed=request_seed(params.seed, prompt_index),
+            seed=None if greedy else seed,
             stop_token_ids=list(self.stop_ids),
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,  # text is decoded below with the trainer's tokenizer
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Generation]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[list[Generation]]:
+        """`params.num_samples` Generations per prompt; sample j of a prompt with seed s is
+        drawn with seed prompt_seed(s, j), whatever else is in the batch."""
         from vllm.inputs import TokensPrompt
 
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [self._request(params, i) for i in range(len(prompts))]
+        seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
+        samples = (
+            1 if params.temperature == 0 else params.num_samples
+        )  # greedy: generate once, repeat
+        requests, sampling = [], []
+        for prompt, seed in zip(prompts, seeds):
+            for j in range(samples):
+                requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+                sampling.append(self._request(params, prompt_seed(seed, j)))
         with _keep_process_state(), self._generation_threads():
-            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        result: list[list[Generation]] = []
-        for out in outputs:
-            group = [self._generation(c) for c in sorted(out.outputs, key=lambda c: c.index)]
-            if params.temperature == 0:
-                group = [group[0]] + [Generation(list(group[0].token_ids), group[0].text, group[0].finished,
-                                                 list(group[0].logprobs or [])) for _ in range(params.num_samples - 1)]
-            result.append(group)
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)  # in request order
+        generations = [self._generation(out.outputs[0]) for out in outputs]
+        result = []
+        for i in range(len(prompts)):
+            group = generations[i * samples : (i + 1) * samples]
+            result.append(
+                group
+                if samples == params.num_samples
+                else [_copy(group[0]) for _ in range(params.num_samples)]
+            )
         return result
 
     def _generation(self, completion) -> Generation:
@@ -345,7 +396,9 @@ class VLLMEngine:
         logprobs = None
         if completion.logprobs is not None:
             logprobs = [float(step[tok].logprob) for tok, step in zip(ids, completion.logprobs)]
-        return Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished, logprobs)
+        return Generation(
+            ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished, logprobs
+        )
 
     @contextlib.contextmanager
     def _generation_threads(self):
@@ -373,6 +426,12 @@ class VLLMEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _copy(g: Generation) -> Generation:
+    return Generation(
+        list(g.token_ids), g.text, g.finished, None if g.logprobs is None else list(g.logprobs)
+    )
 
 
 def _refresh_tied_layers(worker) -> None:
