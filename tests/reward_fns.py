@@ -25,3 +25,29 @@ def sleeps(prompts, completions, **columns):
 
 def returns_nan(prompts, completions, **columns):
     return [float("nan")] * len(completions)
+
+
+def sleeps_on_odd(prompts, completions, **columns):
+    """Hangs (two minutes) on any odd-length completion, else 1.0: a timeout on some completions."""
+    import time
+
+    if any(len(c) % 2 for c in completions):
+        time.sleep(120)
+    return [1.0] * len(completions)
+
+
+def sleeps_forever(prompts, completions, **columns):
+    import time
+
+    time.sleep(3600)
+    return [1.0] * len(completions)
+
+
+def one_short(prompts, completions, **columns):
+    return [1.0] * (len(completions) - 1)
+
+
+def numpy_scalars(prompts, completions, **columns):
+    import numpy as np
+
+    return [np.float32(0.5), np.int64(1), True][: len(completions)]

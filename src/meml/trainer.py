@@ -247,6 +247,9 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
                 "tokens": global_tokens, "tokens_per_s": global_tokens / dt, "step_time_s": dt}
 
     run_stage(s, "sft", start_step, total, step_fn, optimizer, scheduler)
+    # The engine's own (bf16) copy of the weights is not updated by stage-1 steps: refresh it
+    # before RL samples or an evaluation generates, else they would use the pre-MEF model.
+    s.engine.sync_weights(s.unwrapped)
 
 
 def run_rl(s: Session, start_step: int = 0, state: dict | None = None) -> None:

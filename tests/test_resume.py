@@ -1,0 +1,315 @@
+"""Exact resume: a run killed (SIGKILL, SIGTERM, or mid-checkpoint-write) and resumed ends
+bitwise where an uninterrupted run ends: parameters, AdamW moments, scheduler, RNG states,
+HSFT buffer, counters, and every logged metric except wall-clock timings.
+
+The killed runs are real `meml train` processes. A small driver (DRIVER below) stands in
+for the `meml` script and adds test-only hooks chosen by environment variables, so a kill
+lands at a known point: after a given metrics record is written, inside a checkpoint
+write, or at the start of an RL step (to wait for SIGTERM). The test process sends the
+signals itself where a real scheduler would.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meml import checkpoint as ckpt
+from meml.config import load_config
+
+from conftest import tiny_overrides
+
+TESTS = Path(__file__).parent
+TIMING_KEYS = ("step_time_s", "tokens_per_s", "gen_tokens_per_s", "eval_time_s")
+
+DRIVER = r"""
+import os, signal, sys, time
+from pathlib import Path
+
+marker = os.environ.get("MEML_TEST_MARKER", "")
+touch = lambda suffix="": Path(marker + suffix).touch()
+
+if os.environ.get("MEML_TEST_HOLD_AFTER_RECORD"):  # "rl:4": write that record, then wait to be killed
+    from meml.logger import MetricsLogger
+    stage, step = os.environ["MEML_TEST_HOLD_AFTER_RECORD"].split(":")
+    real_log = MetricsLogger.log
+    def log(self, record):
+        real_log(self, record)
+        if (record.get("stage"), record.get("step")) == (stage, int(step)):
+            touch()
+            time.sleep(600)
+    MetricsLogger.log = log
+
+if os.environ.get("MEML_TEST_KILL_IN_SAVE"):  # "rl-000003": SIGKILL itself once that write has its trainer_state.pt
+    import torch
+    name, real_save = os.environ["MEML_TEST_KILL_IN_SAVE"], torch.save
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if Path(f).parent.name.startswith(f".tmp-{name}-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save
+
+if os.environ.get("MEML_TEST_WAIT_SIGNAL_AT"):  # "3": at the start of RL step 3, wait for SIGTERM (and, with HOLD, a second)
+    import meml.trainer as trainer
+    at, real_step = int(os.environ["MEML_TEST_WAIT_SIGNAL_AT"]), trainer.rl_step
+    def rl_step(s, step, *args):
+        if step == at:
+            touch()
+            deadline = time.monotonic() + 60
+            while not s.stop_requested and time.monotonic() < deadline:
+                time.sleep(0.01)
+            touch(".stopping")
+            if os.environ.get("MEML_TEST_HOLD"):
+                time.sleep(60)
+        return real_step(s, step, *args)
+    trainer.rl_step = rl_step
+
+from meml.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# MEF: 8 questions x 3 experts = 24 traces in batches of 6 = 4 steps; then 6 RL steps.
+# lr 1e-3 so that any state not carried over shows; a length-parity reward without the
+# verifier so the policy gradient, IML and HSFT all fire on a random model; bf16 so the
+# rollout engine keeps its own bf16 copy of the weights, which a resume must rebuild.
+SETTINGS = {
+    "train.steps": 6, "sft.batch_size": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
+    "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3", "sft.lr": "1e-3",
+    "algo.hsft.buffer_size": 4, "model.dtype": "bf16",
+}
+
+
+def _env(marker: Path | None = None, **hooks) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if marker is not None:
+        env["MEML_TEST_MARKER"] = str(marker)
+    env.update({f"MEML_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
+    return env
+
+
+def start(model_dir, out, *flags, marker=None, **hooks) -> subprocess.Popen:
+    args = [sys.executable, "-c", DRIVER, "train", *tiny_overrides(model_dir, out, **SETTINGS), *flags]  # flags win
+    return subprocess.Popen(args, env=_env(marker, **hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {path.name}:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {path}")
+        time.sleep(0.02)
+
+
+def kill9_at(model_dir, out, record: str, *flags) -> str:
+    """Run until `record` ("stage:step") is logged, then SIGKILL it from here; its output."""
+    marker = out.parent / f"{out.name}.{record.replace(':', '-')}.hold"
+    proc = start(model_dir, out, *flags, marker=marker, hold_after_record=record)
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    rc, text = finish(proc)
+    assert rc == -signal.SIGKILL
+    return text
+
+
+def resume(model_dir, out) -> str:
+    rc, text = finish(start(model_dir, out, "--resume"))
+    assert rc == 0, text[-3000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    rc, text = finish(start(tiny_model_dir, out))
+    assert rc == 0, text[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(run: Path, reference: Path) -> None:
+    def steady(rec):
+        return {k: v for k, v in rec.items() if k not in TIMING_KEYS and not k.startswith("time/")}
+
+    got, want = records(run), records(reference)
+    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        assert steady(g) == steady(w), (g["stage"], g["step"], {k: (g.get(k), v) for k, v in steady(w).items() if g.get(k) != v})
+
+
+def assert_same_state(run: Path, reference: Path, name: str = "rl-000006") -> None:
+    """Bitwise: weights, and everything in trainer_state.pt (AdamW moments and step counts,
+    scheduler, RNG states, HSFT buffer, counters, data position)."""
+    a, b = run / "checkpoints" / name, reference / "checkpoints" / name
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    _assert_equal(ckpt.load_trainer_state(a), ckpt.load_trainer_state(b), "trainer_state")
+
+
+def _assert_equal(x, y, where: str) -> None:
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            _assert_equal(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _assert_equal(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    elif hasattr(x, "shape"):  # numpy RNG state
+        assert (x == y).all(), where
+    else:
+        assert x == y, where
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_kill9_inside_mef_and_inside_rl_then_resume_matches_a_straight_run(straight_run, tiny_model_dir, tmp_path):
+    """Killed after stage-1 step 2 was logged (newest checkpoint: sft-000001), resumed,
+    killed again after RL step 4 was logged (newest: rl-000003), resumed to the end."""
+    out = tmp_path / "run"
+    kill9_at(tiny_model_dir, out, "sft:2")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["sft-000001"]
+    text = kill9_at(tiny_model_dir, out, "rl:4", "--resume")
+    assert "sft-000001 (sft step 1)" in text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["rl-000002", "rl-000003"]
+    assert (records(out)[-1]["stage"], records(out)[-1]["step"]) == ("rl", 4)  # the killed run logged RL step 4 ...
+    text = resume(tiny_model_dir, out)
+    assert "rl-000003 (rl step 3)" in text  # ... which the resumed run dropped and redid
+    assert_same_metrics(out, straight_run)
+    assert_same_state(out, straight_run)
+    # the kills cut through state that matters: a non-empty HSFT buffer crossed the RL kill
+    # and was flushed afterwards, and stage 1's optimizer state crossed the MEF kill
+    rl = {r["step"]: r for r in records(straight_run) if r["stage"] == "rl"}
+    assert rl[3]["hsft/buffer"] > 0 and rl[6]["hsft/flushes"] > rl[3]["hsft/flushes"]
+    assert ckpt.load_trainer_state(out / "checkpoints" / "rl-000006")["position"] == {"questions_seen": 12, "epoch": 0}
+    assert len((out / "command.txt").read_text().splitlines()) == 3
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(straight_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    rc, _ = finish(start(tiny_model_dir, out, kill_in_save="rl-000003"))
+    assert rc == -signal.SIGKILL
+    root = out / "checkpoints"
+    (stray,) = root.glob(".tmp-rl-000003-*")
+    assert (stray / "trainer_state.pt").exists() and not (stray / "manifest.json").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["rl-000001", "rl-000002"]
+    text = resume(tiny_model_dir, out)
+    assert "removing" in text and stray.name in text and "rl-000002 (rl step 2)" in text
+    assert not list(root.glob(".*"))
+    assert_same_metrics(out, straight_run)
+    assert_same_state(out, straight_run)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_then_resumes(straight_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "at-step-3"
+    proc = start(tiny_model_dir, out, "checkpoint.every_steps=0", marker=marker, wait_signal_at=3)
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, text = finish(proc)
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert "received SIGTERM: finishing this step" in text and "stopped after rl step 3" in text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["sft-000004", "rl-000003"]  # saved because of the signal
+    assert records(out)[-1]["step"] == 3
+    resume(tiny_model_dir, out)
+    assert_same_metrics(out, straight_run)
+    assert_same_state(out, straight_run)
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "at-step-3"
+    proc = start(tiny_model_dir, out, marker=marker, wait_signal_at=3, hold=1)
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(Path(f"{marker}.stopping"), proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc, text = finish(proc)
+    assert time.monotonic() - t0 < 30  # not the 60 s the driver holds for
+    assert rc == 128 + signal.SIGTERM and "stopped at once by a second signal SIGTERM" in text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["rl-000001", "rl-000002"]
+    assert ckpt.find_latest(out).name == "rl-000002"
+    assert not list((out / "checkpoints").glob(".*"))
+
+
+# ----------------------------------------------------------------------------- in-process variants
+
+
+def _run_in_process(cfg, stop_after: int | None = None, engine_before: dict | None = None) -> None:
+    """train(cfg); with stop_after, a real SIGTERM arrives during that RL step. engine_before
+    collects the rollout engine's weights at the start of each RL step."""
+    import meml.trainer as trainer
+
+    real_step = trainer.rl_step
+
+    def rl_step(s, step, *args):
+        if engine_before is not None:
+            engine_before[step] = {n: p.detach().clone() for n, p in s.engine.model.named_parameters()}
+        if step == stop_after:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(s, step, *args)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer.rl_step = rl_step
+    try:
+        result = trainer.train(cfg)
+    finally:
+        trainer.rl_step = real_step
+    assert signal.getsignal(signal.SIGTERM) is previous  # train() puts the handlers back
+    if stop_after:
+        assert result["stopped"] == {"stage": "rl", "step": stop_after, "signal": signal.SIGTERM}
+
+
+def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir, tmp_path):
+    """LoRA (the checkpoint holds only the adapter; resume loads the base, then it), the KL
+    reference (the policy when RL started, after MEF: it must come back from the
+    checkpoint, since the resumed policy has moved on) and PPO mini-batches. The engine's
+    bf16 copy after the resume equals the uninterrupted run's at the same step."""
+    extra = {**SETTINGS, "train.steps": 3, "sft.batch_size": 12, "checkpoint.every_steps": 0, "model.lora.enabled": "true", "model.lora.r": 4,
+             "algo.kl_coef": 0.5, "algo.loss": "ppo_clip", "algo.mini_batches": 2}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    engine_straight, engine_resumed = {}, {}
+    _run_in_process(load_config(None, tiny_overrides(tiny_model_dir, straight, **extra)), engine_before=engine_straight)
+    _run_in_process(load_config(None, tiny_overrides(tiny_model_dir, stopped, **extra)), stop_after=1)
+    assert [p.name for p in ckpt.list_checkpoints(stopped)] == ["sft-000002", "rl-000001"]
+    resumed_cfg = load_config(None, tiny_overrides(tiny_model_dir, stopped, **extra, **{"checkpoint.resume": "auto"}))
+    _run_in_process(resumed_cfg, engine_before=engine_resumed)
+    assert sorted(engine_resumed) == [2, 3]
+    assert {p.dtype for p in engine_resumed[2].values()} == {torch.bfloat16}
+    for step in (2, 3):
+        assert [n for n, p in engine_resumed[step].items() if not torch.equal(p, engine_straight[step][n])] == []
+    assert_same_metrics(stopped, straight)
+    assert all(r["kl"] > 0 for r in records(straight) if r["stage"] == "rl" and r["step"] > 1)
+    a, b = stopped / "checkpoints" / "rl-000003", straight / "checkpoints" / "rl-000003"
+    assert not (a / "model" / "model.safetensors").exists()  # the adapter only
+    wa, wb = load_file(str(a / "model" / "adapter_model.safetensors")), load_file(str(b / "model" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_equal(ckpt.load_trainer_state(a), ckpt.load_trainer_state(b), "trainer_state")  # reference included
+    reference = ckpt.load_trainer_state(a)["reference"]
+    assert len(reference) == len(wa) and all("lora_" in name for name in reference)  # the adapter's share only
