@@ -256,7 +256,9 @@ class VLLMEngine:
         max_len = s.max_model_len or min(model_max, 4096)
         args = {
             "model": self.source,
-            "tokenizer": self.source,
+            # Prompts arrive as token ids and completions are decoded with the trainer's
+            # tokenizer, so vLLM needs none (and the directory need not hold one).
+            "skip_tokenizer_init": True,
             "dtype": _DTYPE_NAMES[self.dtype],
             "seed": 0,
             "max_model_len": max_len,
