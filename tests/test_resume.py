@@ -79,10 +79,13 @@ sys.exit(main(sys.argv[1:]))
 # lr 1e-3 so that any state not carried over shows; a length-parity reward without the
 # verifier so the policy gradient, IML and HSFT all fire on a random model; bf16 so the
 # rollout engine keeps its own bf16 copy of the weights, which a resume must rebuild.
+# Evals before, every 2 RL steps and after, and samples every step: their records must
+# read as one uninterrupted run too.
 SETTINGS = {
     "train.steps": 6, "sft.batch_size": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
     "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3", "sft.lr": "1e-3",
     "algo.hsft.buffer_size": 4, "model.dtype": "bf16",
+    "eval.before": "true", "eval.every_steps": 2, "eval.after": "true", "log.samples_every": 1,
 }
 
 
@@ -148,14 +151,21 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(run: Path, reference: Path) -> None:
-    def steady(rec):
-        return {k: v for k, v in rec.items() if k not in TIMING_KEYS and not k.startswith("time/")}
+def _steady(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in TIMING_KEYS and not k.startswith("time/")}
 
+
+def assert_same_metrics(run: Path, reference: Path) -> None:
+    """metrics.jsonl record for record (timings aside), and the files beside it."""
     got, want = records(run), records(reference)
-    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+    assert [(r["stage"], r.get("tag"), r["step"]) for r in got] == [(r["stage"], r.get("tag"), r["step"]) for r in want]
     for g, w in zip(got, want):
-        assert steady(g) == steady(w), (g["stage"], g["step"], {k: (g.get(k), v) for k, v in steady(w).items() if g.get(k) != v})
+        assert _steady(g) == _steady(w), (g["stage"], g["step"], {k: (g.get(k), v) for k, v in _steady(w).items() if g.get(k) != v})
+    for name in ("samples.jsonl", *(str(p.relative_to(reference)) for p in sorted((reference / "eval").glob("*.jsonl")))):
+        assert (run / name).read_text() == (reference / name).read_text(), name
+    if (reference / "results.json").exists():
+        steady = [{tag: _steady(r) for tag, r in json.loads((d / "results.json").read_text()).items()} for d in (run, reference)]
+        assert steady[0] == steady[1]
 
 
 def assert_same_state(run: Path, reference: Path, name: str = "rl-000006") -> None:
