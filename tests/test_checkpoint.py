@@ -20,6 +20,16 @@ from meml.validation import ConfigError
 from conftest import tiny_overrides
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and where the cores are
+    shared, spinning OpenMP threads made these runs ten times slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -31,6 +31,16 @@ IDS = ["q1", "q2", "q3", "q4"]
 COMPLETIONS = ["a", "bb", "ccc", "dddd"]  # odd, even, odd, even
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and where the cores are
+    shared, spinning OpenMP threads made these runs ten times slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _call(fn, timeout_s=5.0, completions=COMPLETIONS, name=None):
     stats = RewardStats()
     columns = {"question_id": IDS[: len(completions)]}
@@ -157,6 +167,59 @@ def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpo
     assert state["optimizer"]["state"][0]["step"] == good["optimizer"]["state"][0]["step"] == 2  # AdamW moved on good steps only
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], good["optimizer"]["state"][0]["exp_avg"])
     assert ckpt.find_latest(tmp_path).name == "rl-000006"
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: reset it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(fresh_accelerator_state, monkeypatch):
+    """fp16 loss scaling as accelerate sets it up on CUDA (a GradScaler, a prepared
+    optimizer), simulated on CPU: an overflow is skipped by the scaler and lowers its scale
+    without counting as bad, a non-finite loss is bad, and every next step still runs
+    (a skip that bypassed the scaler would make its next unscale_ raise)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    import meml.update
+    from meml.config import load_config
+    from meml.session import make_optimizer
+    from meml.update import LossSettings, optimizer_step
+
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
+    model = torch.nn.Linear(2, 1, bias=False)
+    cfg = load_config(None, [])
+    optimizer, scheduler = make_optimizer(model.parameters(), 0.1, cfg, 10, accelerator)
+    s = SimpleNamespace(cfg=cfg, policy=model, tokenizer=SimpleNamespace(pad_token_id=0), accelerator=accelerator,
+                        counters={"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0})
+    scale_of_input = {}
+
+    def accumulate(model, items, settings, budget, pad_id, accelerator):
+        loss = model(torch.full((1, 2), scale_of_input["x"])).sum()
+        accelerator.backward(loss)
+        return {"loss": float(loss.detach())}
+
+    monkeypatch.setattr(meml.update, "accumulate_gradients", accumulate)
+
+    def step(x):
+        scale_of_input["x"] = x
+        before = model.weight.detach().clone()
+        stats = optimizer_step(s, optimizer, scheduler, [], LossSettings())
+        return stats["skipped"], not torch.equal(before, model.weight), dict(s.counters)
+
+    assert step(1e36) == (1.0, False, {"bad_streak": 0, "skipped_updates": 1, "reward_failures": 0})  # x * 2**16 overflows
+    assert accelerator.scaler.get_scale() == 2.0**15
+    assert step(1.0)[:2] == (0.0, True)
+    assert step(float("nan")) == (1.0, False, {"bad_streak": 1, "skipped_updates": 2, "reward_failures": 0})
+    assert step(1.0) == (0.0, True, {"bad_streak": 0, "skipped_updates": 2, "reward_failures": 0})
 
 
 # ----------------------------------------------------------------------------- checks before the model loads

@@ -35,6 +35,7 @@ from meml.session import (
     open_session,
     rng_state,
     set_rng_state,
+    sync_rollout_weights,
 )
 from meml.update import LossSettings, NonFiniteError, optimizer_step
 from meml.validation import ConfigError
@@ -180,7 +181,7 @@ def load_adapter(s: Session, path: Path) -> None:
     result = set_peft_model_state_dict(s.unwrapped, load_file(str(path / "adapter_model.safetensors")))
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter weights that fit no LoRA module of this model: {result.unexpected_keys[:5]}")
-    s.engine.sync_weights(s.unwrapped)
+    sync_rollout_weights(s)
 
 
 class StopSignals:
@@ -249,7 +250,7 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
     run_stage(s, "sft", start_step, total, step_fn, optimizer, scheduler)
     # The engine's own (bf16) copy of the weights is not updated by stage-1 steps: refresh it
     # before RL samples or an evaluation generates, else they would use the pre-MEF model.
-    s.engine.sync_weights(s.unwrapped)
+    sync_rollout_weights(s)
 
 
 def run_rl(s: Session, start_step: int = 0, state: dict | None = None) -> None:

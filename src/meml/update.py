@@ -238,26 +238,42 @@ def optimizer_step(s, optimizer, scheduler, items: list[TrainItem], settings: Lo
     weights, the optimizer's moments and the schedule stay as they were. It is counted in
     s.counters ("bad_streak", reset by a good update, and "skipped_updates"); the training
     loop stops the run after train.max_bad_steps in a row.
+    Under fp16 loss scaling (an accelerate-prepared optimizer with a GradScaler) an overflow
+    of the scaled gradients is the scaler's normal work: it skips the step and lowers its
+    scale. That is counted as skipped but not as bad, unless the scale has fallen below 1
+    (then the gradients are non-finite whatever the scale).
     """
     cfg = s.cfg
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradients(s.policy, items, settings, cfg.train.micro_batch_tokens, s.tokenizer.pad_token_id, s.accelerator)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = s.accelerator.clip_grad_norm_(s.policy.parameters(), max_norm)
+    grad_norm = s.accelerator.clip_grad_norm_(s.policy.parameters(), max_norm)  # unscales first under a scaler
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-    finite = torch.isfinite(torch.tensor([stats.get("loss", 0.0), grad_norm])).all().item()
-    if finite:
-        optimizer.step()
+    loss = stats.get("loss", 0.0)
+    scaler = getattr(s.accelerator, "scaler", None)
+    overflow = False
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler is not None):
+        optimizer.step()  # a scaler skips it when the gradients overflowed, and lowers its scale
+        overflow = scaler is not None and bool(getattr(optimizer, "step_was_skipped", False))
+        applied = not overflow
+    else:
+        applied = False
+        if scaler is not None:
+            scaler.update()  # no step this time: reset the scaler's per-step state left by unscale_
+    if applied:
         scheduler.step()
         s.counters["bad_streak"] = 0
     else:
         optimizer.zero_grad(set_to_none=True)
-        s.counters["bad_streak"] += 1
         s.counters["skipped_updates"] += 1
-        log.warning("non-finite %s (loss %s, grad norm %s): update skipped, %d in a row (the run stops at %d), %d in all",
-                    "loss" if not math.isfinite(stats.get("loss", 0.0)) else "gradient", stats.get("loss", 0.0), grad_norm,
-                    s.counters["bad_streak"], cfg.train.max_bad_steps, s.counters["skipped_updates"])
+        if overflow and scaler.get_scale() >= 1:
+            log.info("fp16 gradient overflow: update skipped, loss scale now %g", scaler.get_scale())
+        else:
+            s.counters["bad_streak"] += 1
+            log.warning("non-finite %s (loss %s, grad norm %s): update skipped, %d in a row (the run stops at %d), %d in all",
+                        "loss" if not math.isfinite(loss) else "gradient", loss, grad_norm,
+                        s.counters["bad_streak"], cfg.train.max_bad_steps, s.counters["skipped_updates"])
     stats["grad_norm"] = grad_norm
-    stats["skipped"] = 0.0 if finite else 1.0
+    stats["skipped"] = 0.0 if applied else 1.0
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
