@@ -198,8 +198,11 @@ def clean_strays(run_dir: Path) -> None:
     for old in root.glob(".old-*"):
         name = old.name[len(".old-") :].rsplit("-", 1)[0]
         if NAME.match(name) and not (root / name).exists():
-            os.rename(old, root / name)
-            log.warning("restored %s from an interrupted re-save", root / name)
+            try:
+                os.rename(old, root / name)
+                log.warning("restored %s from an interrupted re-save", root / name)
+            except FileNotFoundError:  # another process of this run got there first
+                pass
         else:
             shutil.rmtree(old, ignore_errors=True)
     for stray in root.glob(".tmp-*"):
