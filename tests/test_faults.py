@@ -32,12 +32,18 @@ COMPLETIONS = ["a", "bb", "ccc", "dddd"]  # odd, even, odd, even
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def isolated_torch():
     """One intra-op thread: the tiny model gains nothing from more, and where the cores are
-    shared, spinning OpenMP threads made these runs ten times slower (measured)."""
+    shared, spinning OpenMP threads made these runs ten times slower (measured). And a fresh
+    accelerate state before and after: it is process-wide and keeps the first mixed
+    precision it was given (bf16 here, fp32 in tests that need exact fp32 numbers)."""
+    from accelerate.state import AcceleratorState
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
     yield
+    AcceleratorState._reset_state(True)
     torch.set_num_threads(threads)
 
 
@@ -169,17 +175,7 @@ def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpo
     assert ckpt.find_latest(tmp_path).name == "rl-000006"
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change: reset it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(fresh_accelerator_state, monkeypatch):
+def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkeypatch):
     """fp16 loss scaling as accelerate sets it up on CUDA (a GradScaler, a prepared
     optimizer), simulated on CPU: an overflow is skipped by the scaler and lowers its scale
     without counting as bad, a non-finite loss is bad, and every next step still runs

@@ -90,18 +90,24 @@ SETTINGS = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def isolated_torch():
     """One intra-op thread: the tiny model gains nothing from more, and where the cores are
-    shared, spinning OpenMP threads made these runs ten times slower (measured)."""
+    shared, spinning OpenMP threads made these runs ten times slower (measured). And a fresh
+    accelerate state before and after: it is process-wide and keeps the first mixed
+    precision it was given (bf16 here, fp32 in tests that need exact fp32 numbers)."""
+    from accelerate.state import AcceleratorState
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
     yield
+    AcceleratorState._reset_state(True)
     torch.set_num_threads(threads)
 
 
 def _env(marker: Path | None = None, **hooks) -> dict:
     env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # one thread: see one_thread
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # one thread: see isolated_torch
     if marker is not None:
         env["MEML_TEST_MARKER"] = str(marker)
     env.update({f"MEML_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
@@ -307,18 +313,7 @@ def _run_in_process(cfg, stop_after: int | None = None, engine_before: dict | No
         assert result["stopped"] == {"stage": "rl", "step": stop_after, "signal": signal.SIGTERM}
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change (bf16
-    here, fp32 in other tests where the CPU lacks bf16): reset it around the test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir, tmp_path, fresh_accelerator_state):
+def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir, tmp_path):
     """LoRA (the checkpoint holds only the adapter; resume loads the base, then it), the KL
     reference (the policy when RL started, after MEF: it must come back from the
     checkpoint, since the resumed policy has moved on) and PPO mini-batches. The engine's
