@@ -11,6 +11,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# The tiny model's matmuls are too small to gain from threads, and on a shared 2-core
+# machine extra OpenMP threads spin against other work (10x slower measured). Tests on
+# the real model set their own thread count.
+torch.set_num_threads(int(os.environ.get("MEML_TEST_THREADS", "1")))
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -97,3 +104,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"benchmark data not found at {SHARED_DATA} (the ../shared/data checkout beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state (the first mixed precision set wins): each test
+    starts from none, so tests do not depend on the order they run in."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

@@ -83,7 +83,7 @@ def _free_space(path: Path) -> str:
     return "free space unknown"
 
 
-def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, state: dict, config_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, state: dict, config_yaml: str, keep_last: int, model_state: dict | None = None) -> Path:
     """Write a checkpoint atomically and prune older ones; returns its path.
 
     On any failure (full disk, unwritable directory) the temporary directory is removed,
@@ -99,7 +99,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, stat
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)  # model_state: gathered weights under FSDP/ZeRO-3
         tokenizer.save_pretrained(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)

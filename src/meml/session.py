@@ -104,6 +104,11 @@ def attach_model(s: Session, source: str | None = None) -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model_lib.compute_dtype(cfg.model.dtype, torch.device(device_type))
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps the first mixed precision a process asked for; a second run in the
+    # same process (a notebook, a test) must get its own. The process group is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     s.accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")  # cpu=True enables gloo multi-CPU
     if s.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,7 @@ def attach_model(s: Session, source: str | None = None) -> None:
     s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
-    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size, share_weights=not _sharded(s))
+    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size, share_weights=not sharded(s))
     s.policy = s.accelerator.prepare_model(policy)
     s.logger = MetricsLogger(
         s.run_dir, cfg.log.backends, to_dict(cfg), enabled=s.is_main, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode
@@ -122,7 +127,8 @@ def attach_model(s: Session, source: str | None = None) -> None:
              cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
 
 
-def _sharded(s: Session) -> bool:
+def sharded(s: Session) -> bool:
+    """Whether accelerate shards the policy (FSDP, DeepSpeed): full weights must be gathered."""
     from accelerate.utils import DistributedType
 
     return s.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -132,7 +138,7 @@ def sync_rollout_weights(s: Session) -> None:
     """Make the rollout engine sample from the policy's current weights.
 
     Under FSDP or DeepSpeed the full weights are gathered first (a collective call)."""
-    if _sharded(s):
+    if sharded(s):
         s.engine.load_state_dict(s.accelerator.get_state_dict(s.policy))
     else:
         s.engine.sync_weights(s.unwrapped)

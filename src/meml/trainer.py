@@ -35,6 +35,7 @@ from meml.session import (
     open_session,
     rng_state,
     set_rng_state,
+    sharded,
     sync_rollout_weights,
 )
 from meml.update import LossSettings, NonFiniteError, optimizer_step
@@ -333,8 +334,9 @@ def save(s: Session, stage: str, step: int, optimizer, scheduler, reference=None
         trainable = {n for n, p in s.unwrapped.named_parameters() if p.requires_grad}
         state["reference"] = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if n in trainable}
     s.accelerator.wait_for_everyone()
+    model_state = s.accelerator.get_state_dict(s.policy) if sharded(s) else None  # collective: full weights
     if s.is_main:
-        path = ckpt.save_checkpoint(s.run_dir, stage, step, s.unwrapped, s.tokenizer, state, to_yaml(s.cfg), s.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(s.run_dir, stage, step, s.unwrapped, s.tokenizer, state, to_yaml(s.cfg), s.cfg.checkpoint.keep_last, model_state)
         log.info("saved checkpoint %s", path)
     s.accelerator.wait_for_everyone()
 
