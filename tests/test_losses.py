@@ -102,3 +102,16 @@ def test_token_mean_aggregation_end_to_end_by_hand():
     w = losses.sequence_weights(torch.tensor([2, 1]), "token_mean", 2).float()
     total = losses.weighted_sum(per_token, mask, w)
     assert total.item() == pytest.approx((1 + 2 - 3) / 3)
+
+
+def test_truncated_is_weights_by_hand():
+    policy = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    w = losses.truncated_is_weights(policy, sampler, cap=2.0)
+    assert w.flatten().tolist() == pytest.approx([2.0, 0.5, 2.0])  # ratios 2, 0.5, 3 -> capped at 2
+
+
+def test_truncated_is_weights_carry_no_gradient():
+    policy = torch.tensor([[-1.0]], requires_grad=True)
+    w = losses.truncated_is_weights(policy, torch.tensor([[-1.5]]), cap=5.0)
+    assert not w.requires_grad and w.item() == pytest.approx(math.exp(0.5))

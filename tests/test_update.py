@@ -98,3 +98,26 @@ def test_ppo_clip_single_update_has_reinforce_gradient(model):
     g_ppo, _ = _grads(model, items, 10_000, LossSettings("ppo_clip"))
     for name in g_reinforce:
         torch.testing.assert_close(g_ppo[name], g_reinforce[name], rtol=1e-4, atol=1e-6)
+
+
+def test_tis_correction_weights_each_pg_token(model):
+    """With sampler log-probs, the PG gradient is the REINFORCE gradient with per-token weights
+    min(pi/q, cap); rows without sampler log-probs keep weight 1."""
+    items = [it for it in _items() if it.kind == "pg"][:2]
+    with torch.no_grad():
+        batch = collate([it.prompt_ids for it in items], [it.response_ids for it in items], 2, "cpu")
+        logp = losses.token_logprobs(response_logits(model, batch), batch.targets)
+    first = items[0]
+    n = len(first.response_ids)
+    shift = torch.tensor([0.5, -0.5, 2.0, 0.0, 0.1][:n])
+    first.sample_logprobs = logp[0, :n] - shift  # pi/q = e^shift -> weights e^0.5, e^-0.5, cap 2, ...
+    _, stats = _grads(model, items, 10_000, LossSettings("reinforce", tis_cap=2.0))
+    expected_w = torch.exp(shift).clamp(max=2.0)
+    assert stats["is_tokens"] == n
+    assert stats["is_weight_sum"] == pytest.approx(float(expected_w.sum()), rel=1e-5)
+    manual = 0.0
+    for row, it in enumerate(items):
+        k = len(it.response_ids)
+        w = expected_w if row == 0 else torch.ones(k)
+        manual += float((-it.advantage * logp[row, :k] * w).sum() * it.weight)
+    assert stats["pg_loss"] == pytest.approx(manual, rel=1e-4)

@@ -117,13 +117,26 @@ class RewardConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.backend=vllm only (docs/VLLM.md)."""
+
+    kv_cache_gib: float | None = None  # None: 1 GiB on CPU; on GPU vLLM sizes it from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory, colocated with training
+    max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
+    max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
+    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~45 s, gains nothing measured), compiled on GPU
+    cpu_threads: int = 1  # CPU: torch threads while vLLM decodes (1 measured fastest); 0 keeps the trainer's
+
+
+@dataclass
 class RolloutConfig:
     backend: str = "hf"  # hf (transformers generate) | vllm
     num_generations_per_expert: int = 4  # G answers per (question, expert)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 48  # prompts per generate call
+    batch_size: int = 48  # sequences per generate call
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -162,6 +175,10 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass
     kl_coef: float = 0.0  # k3 KL to a frozen reference; no reference is loaded when 0
+    # Truncated importance sampling: weight each policy-gradient token by min(pi/q, cap),
+    # q = the rollout engine's sampling log-prob (vLLM reports it; transformers does not,
+    # and its tokens get weight 1). 0 = off. 2 is a common cap.
+    tis_cap: float = 0.0
     iml: IMLConfig = field(default_factory=IMLConfig)
     hsft: HSFTConfig = field(default_factory=HSFTConfig)
 

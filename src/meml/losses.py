@@ -39,6 +39,13 @@ def ppo_clip_loss(
     return loss, (clipped < unclipped).float()
 
 
+def truncated_is_weights(policy_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(pi(t) / q(t), cap) for tokens sampled from an engine q
+    whose numerics differ from the trainer's pi (e.g. vLLM's kernels). Detached: a weight,
+    not a path for gradients. (B, T), (B, T) -> (B, T)."""
+    return torch.exp(policy_logp.detach() - sampler_logp).clamp(max=cap)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(policy || reference) per token: e^d - d - 1, d = ref - logp."""
     d = ref_logp - logp

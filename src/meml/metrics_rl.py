@@ -72,6 +72,10 @@ def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, rew
     pg_tokens = stats.get("pg_tokens", 0.0)
     m["kl"] = stats.get("kl_sum", 0.0) / pg_tokens if pg_tokens else 0.0
     m["clip_frac"] = stats.get("clip_frac_sum", 0.0) / pg_tokens if pg_tokens else 0.0
+    is_tokens = stats.get("is_tokens", 0.0)
+    if is_tokens:  # the truncated IS correction was applied (algo.tis_cap > 0 and the engine reports log-probs)
+        m["is/weight_mean"] = stats["is_weight_sum"] / is_tokens
+        m["is/truncated_frac"] = stats["is_truncated_sum"] / is_tokens
     m["grad_norm"] = stats.get("grad_norm", 0.0)
     m["lr"] = stats.get("lr", 0.0)
     m["skipped_updates"] = stats.get("skipped", 0.0)

@@ -143,7 +143,7 @@ def update_policy(s: Session, optimizer, scheduler, episodes, advantages, pairs:
     IML and HSFT terms join the first optimizer step of the batch only.
     """
     a = s.cfg.algo
-    settings = LossSettings(a.loss, a.clip_eps_low, a.clip_eps_high, a.kl_coef)
+    settings = LossSettings(a.loss, a.clip_eps_low, a.clip_eps_high, a.kl_coef, a.tis_cap)
     order = list(range(len(episodes)))
     if a.mini_batches > 1:
         random.Random(f"{s.cfg.seed}:minibatch:{step}").shuffle(order)
@@ -177,7 +177,8 @@ def policy_items(s: Session, episodes: list[Episode], advantages: torch.Tensor, 
     lengths = torch.tensor([len(episodes[i].completion_ids) for i in idx])
     n_global, tok_global = global_sum(s, [len(idx), float(lengths.sum())])
     weights = sequence_weights(lengths, s.cfg.algo.aggregation, s.cfg.rollout.max_new_tokens, int(n_global), int(tok_global))
-    items = [TrainItem("pg", episodes[i].prompt_ids, episodes[i].completion_ids, weight=float(w), advantage=float(advantages[i]))
+    items = [TrainItem("pg", episodes[i].prompt_ids, episodes[i].completion_ids, weight=float(w), advantage=float(advantages[i]),
+                       sample_logprobs=None if episodes[i].sample_logprobs is None else torch.tensor(episodes[i].sample_logprobs))
              for i, w in zip(idx, weights)]
     return [it for it in items if it.advantage != 0 and it.response_ids] if drop_zero else [it for it in items if it.response_ids]
 

@@ -178,12 +178,14 @@ class HFEngine:
         return result
 
 
-def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int, share_weights: bool = True):
-    """share_weights: an fp32 engine may generate from the policy's own weights (no copy)."""
+def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int,
+                share_weights: bool = True, vllm: dict | None = None):
+    """share_weights: an fp32 engine may generate from the policy's own weights (no copy).
+    vllm: the rollout.vllm settings, for that backend."""
     if backend == "hf":
         return HFEngine(policy, tokenizer, dtype, batch_size, share_weights)
     if backend == "vllm":
-        from meml.rollout_vllm import VLLMEngine  # optional extra
+        from meml.rollout_vllm import VLLMEngine, VLLMSettings  # optional extra
 
-        return VLLMEngine(policy, tokenizer, dtype, batch_size)
+        return VLLMEngine(policy, tokenizer, dtype, batch_size, settings=VLLMSettings(**vllm) if vllm else None)
     raise ValueError(f"rollout.backend='{backend}': choose hf or vllm")

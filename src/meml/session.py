@@ -7,6 +7,7 @@ load). It returns a `Session` that both stages and evaluation use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -117,7 +118,8 @@ def attach_model(s: Session, source: str | None = None) -> None:
     s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
-    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size, share_weights=not sharded(s))
+    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size,
+                           share_weights=not sharded(s), vllm=dataclasses.asdict(cfg.rollout.vllm))
     s.policy = s.accelerator.prepare_model(policy)
     s.logger = MetricsLogger(
         s.run_dir, cfg.log.backends, to_dict(cfg), enabled=s.is_main, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode

@@ -34,6 +34,7 @@ class TrainItem:
     advantage: float = 0.0
     old_logprobs: torch.Tensor | None = None  # (len(response_ids),) for ppo_clip with several updates
     ref_logprobs: torch.Tensor | None = None  # (len(response_ids),) for the KL term
+    sample_logprobs: torch.Tensor | None = None  # (len(response_ids),) the engine's, for the IS correction
     teacher_prompt_ids: list[int] | None = None  # IML token-KL form: the strong expert's prompt
 
 
@@ -43,6 +44,7 @@ class LossSettings:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0
+    tis_cap: float = 0.0  # truncated importance-sampling correction of engine/trainer mismatch; 0 = off
 
 
 def micro_batches(items: list[TrainItem], token_budget: int) -> list[list[int]]:
@@ -150,7 +152,7 @@ def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: L
     weight = torch.tensor([it.weight for it in items], device=device, dtype=torch.float32)  # (B,)
     coef = torch.tensor([it.coef for it in items], device=device, dtype=torch.float32)  # (B,)
     adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
-    stats: dict[str, float] = {"clip_frac_sum": 0.0, "kl_sum": 0.0}  # same keys on every process
+    stats: dict[str, float] = {"clip_frac_sum": 0.0, "kl_sum": 0.0, "is_weight_sum": 0.0, "is_truncated_sum": 0.0, "is_tokens": 0.0}  # same keys on every process
 
     if settings.loss == "ppo_clip":
         has_old = all(it.old_logprobs is not None for it in items if it.kind == "pg")
@@ -159,6 +161,17 @@ def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: L
         stats["clip_frac_sum"] = float((clipped * batch.mask)[is_pg].sum())
     else:
         pg_tok = losses.reinforce_loss(logp, adv)
+    if settings.tis_cap > 0 and any(it.sample_logprobs is not None for it in items):
+        has = torch.tensor([it.sample_logprobs is not None for it in items], device=device).unsqueeze(-1)  # (B, 1)
+        behaviour = _stack([it.old_logprobs for it in items], R, device) if settings.loss == "ppo_clip" and all(
+            it.old_logprobs is not None for it in items if it.kind == "pg") else logp.detach()
+        w = losses.truncated_is_weights(behaviour, _stack([it.sample_logprobs for it in items], R, device), settings.tis_cap)
+        w = torch.where(has, w, torch.ones_like(w))  # (B, R); 1 where the engine reported nothing
+        pg_tok = pg_tok * w
+        pg_mask = batch.mask * (is_pg.unsqueeze(-1) & has)
+        stats["is_weight_sum"] = float((w * pg_mask).sum())
+        stats["is_truncated_sum"] = float(((w >= settings.tis_cap) * pg_mask).sum())
+        stats["is_tokens"] = float(pg_mask.sum())
     token_loss = torch.where(is_pg.unsqueeze(-1), pg_tok, losses.nll_loss(logp))  # (B, R)
 
     teacher_rows = [b for b, it in enumerate(items) if it.teacher_prompt_ids is not None]

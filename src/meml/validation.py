@@ -79,6 +79,7 @@ def validate(cfg: Config) -> None:
     _positive("algo.ppo_epochs", a.ppo_epochs)
     _positive("algo.mini_batches", a.mini_batches)
     _positive("algo.kl_coef", a.kl_coef, allow_zero=True)
+    _positive("algo.tis_cap", a.tis_cap, allow_zero=True)
     if a.loss == "reinforce" and (a.ppo_epochs > 1 or a.mini_batches > 1):
         raise ConfigError(
             "algo.loss=reinforce is on-policy: it takes one update per rollout batch. "
