@@ -199,7 +199,7 @@ class OptimConfig:
 class TrainConfig:
     """Stage 2 (RIEL / GRPO): reinforcement learning steps."""
 
-    steps: int = 6
+    steps: int = 8
     questions_per_step: int = 4
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward
     max_bad_steps: int = 3  # stop after this many consecutive non-finite losses/grads
@@ -221,6 +221,7 @@ class SFTConfig:
 class EvalConfig:
     before: bool = True  # greedy held-out accuracy per expert before training
     after: bool = True
+    after_mef: bool = True  # also after stage 1, when stage 2 follows: what each stage contributed
     every_steps: int = 0  # also evaluate every N RL steps; 0 = off
     max_new_tokens: int = 160
     batch_size: int = 64  # questions per generation batch; `meml eval` appends records after each

@@ -64,7 +64,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def train(cfg: Config, preset: str | None = None) -> dict:
-    """Run the configured stages; returns held-out accuracy before and after.
+    """Run the configured stages; returns held-out accuracy before, after stage 1, and after.
 
     With checkpoint.resume=auto (`meml train --resume`) it continues from the newest valid
     checkpoint of output_dir and replays exactly what an uninterrupted run would have done.
@@ -91,6 +91,9 @@ def train(cfg: Config, preset: str | None = None) -> dict:
         stage, step = (manifest["stage"], manifest["step"]) if manifest else (None, 0)
         if cfg.sft.enabled and stage in (None, "sft"):
             run_mef(s, start_step=step if stage == "sft" else 0, state=_state(resume) if stage == "sft" else None)
+        if cfg.sft.enabled and cfg.eval.after_mef and cfg.train.steps > 0:  # what stage 1 alone gave
+            logged = _logged_eval(s, "after_mef") if stage == "rl" else None
+            results["after_mef"] = logged if logged is not None else evaluate(s, "after_mef", step=0)
         if cfg.train.steps > 0:
             run_rl(s, start_step=step if stage == "rl" else 0, state=_state(resume) if stage == "rl" else None)
         if cfg.eval.after:
