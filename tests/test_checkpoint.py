@@ -20,22 +20,6 @@ from meml.validation import ConfigError
 from conftest import tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def isolated_torch():
-    """One intra-op thread: the tiny model gains nothing from more, and where the cores are
-    shared, spinning OpenMP threads made these runs ten times slower (measured). And a fresh
-    accelerate state before and after: it is process-wide and keeps the first mixed
-    precision it was given (bf16 here, fp32 in tests that need exact fp32 numbers)."""
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer

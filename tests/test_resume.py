@@ -89,25 +89,11 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_torch():
-    """One intra-op thread: the tiny model gains nothing from more, and where the cores are
-    shared, spinning OpenMP threads made these runs ten times slower (measured). And a fresh
-    accelerate state before and after: it is process-wide and keeps the first mixed
-    precision it was given (bf16 here, fp32 in tests that need exact fp32 numbers)."""
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
 
 
 def _env(marker: Path | None = None, **hooks) -> dict:
     env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # one thread: see isolated_torch
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # one thread: see conftest.py
     if marker is not None:
         env["MEML_TEST_MARKER"] = str(marker)
     env.update({f"MEML_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
