@@ -44,11 +44,24 @@ class Run:
         return [e["name"] for e in self.config.get("experts", [])]
 
     def series(self, stage: str, key: str) -> tuple[list[int], list[float]]:
-        rows = [(r["step"], r[key]) for r in self.records if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
+        rows = [(self._x(r), r[key]) for r in self.records if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
         return [s for s, _ in rows], [float(v) for _, v in rows]
+
+    def _x(self, record: dict) -> int:
+        """Eval records sit on the RL axis; "before" moves to -1 when "after_mef" holds step 0."""
+        if record.get("stage") == "eval" and record.get("tag") == "before" and any(
+            r.get("stage") == "eval" and r.get("tag") == "after_mef" for r in self.records
+        ):
+            return -1
+        return record["step"]
 
     def last(self, stage: str) -> dict:
         return next((r for r in reversed(self.records) if r.get("stage") == stage), {})
+
+
+def _eval_axis(runs: list) -> str:
+    two_evals = any(r.get("tag") == "after_mef" for run in runs for r in run.records if r.get("stage") == "eval")
+    return "RL step (-1: before stage 1, 0: after it)" if two_evals else "RL step"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -170,7 +183,7 @@ def draw_plots(runs: list[Run], out: Path) -> list[Plot]:
             if key.startswith(("acc/", "zero_signal", "coverage/mixture", "coverage/best")):
                 ax.set_ylim(-0.03, 1.03)  # fractions: the whole range, so runs compare at a glance
             ax.set_title(panel, fontsize=10)
-            ax.set_xlabel(f"{stage} step" if stage != "eval" else "RL step")
+            ax.set_xlabel(f"{stage} step" if stage != "eval" else _eval_axis(runs))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
