@@ -9,6 +9,13 @@ run seed, the step, the question and the expert). Without it, prompt i gets para
 The transformers engine keeps its own copy of the weights in the compute dtype (bf16 on
 hardware that has it): generating from the fp32 master weights under autocast would re-cast
 every weight at every token. After each update the copy is refreshed in place.
+
+Two costs of transformers `generate` on CPU that this module avoids (bench/trl_compare.py,
+docs/benchmarks.md): the prefill hands the LM head the last position as a strided slice,
+(rows, 1, hidden), which torch.matmul cannot fold into one matrix product, so it copies the
+head's weight once per row and runs a batched product (a 192-row eval batch of SmolLM2
+copied 11 GB, in 12 s); and sampling each row with `torch.multinomial` draws one exponential
+variate per vocabulary entry (half a millisecond per row and token at a 49k vocabulary).
 """
 
 from __future__ import annotations
@@ -56,11 +63,25 @@ class RowSeededSampler:
             cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
             drop = cumulative - torch.softmax(sorted_logits, -1) >= self.top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, -1)
-        picked = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])  # (rows,)
+        picked = inverse_cdf_sample(torch.softmax(logits, -1), self.generators)  # (rows,)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0]), picked] = 0.0
         return out
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row: the first index whose cumulative probability exceeds the row's own
+    uniform draw. probs (rows, vocab) -> (rows,).
+
+    The same distribution as torch.multinomial, for one uniform per row instead of one
+    exponential per vocabulary entry; the cumulative sum is taken in fp64 so that tokens of
+    tiny probability keep their share. A token of probability 0 (cut by top_p) is never
+    picked: its cumulative value equals its predecessor's.
+    """
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])  # (rows,)
+    cdf = probs.double().cumsum(-1)  # (rows, vocab)
+    u = u.to(cdf.device) * cdf[:, -1]  # scale to the row's total, which rounding keeps near but not at 1
+    return torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @dataclass
@@ -87,6 +108,15 @@ def split_completion(row: list[int], stop_ids: list[int]) -> tuple[list[int], bo
     return row, False
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: hand the module a contiguous input, which torch.matmul folds into
+    one matrix product instead of copying the weight once per batch row. Decode steps pass a
+    contiguous input already (no copy). When the engine shares the fp32 policy, the trainer's
+    passes get the hook too: a copy of the response positions' hidden states, small next to
+    the weight copies it saves."""
+    return (args[0].contiguous(), *args[1:]) if args else None
+
+
 class HFEngine:
     """Batched `generate` from transformers with left padding."""
 
@@ -102,6 +132,9 @@ class HFEngine:
             self.model.requires_grad_(False)
             self._owns_copy = True
         self._config_for_generation()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None:  # the prefill's strided last position: see the module docstring
+            head.register_forward_pre_hook(_contiguous_input)
 
     def _config_for_generation(self) -> None:
         base = getattr(self.model, "get_base_model", lambda: self.model)()
