@@ -7,7 +7,9 @@ where SmolLM2-135M still fails most questions after stage 1.
 
 `run` works through a list of jobs, one process at a time, and skips the ones already done
 (a job's directory with results.json), so it can be stopped and started again:
-  1. stage 1 once per (variant, seed): `meml sft meml` (MEF on every expert's traces) and
+  1. stage 1 once per (variant, seed), or once per variant with --sft-seed (every RL seed then
+     starts from the same checkpoint, so the spread over seeds is stage 2's alone):
+     `meml sft meml` (MEF on every expert's traces) and
      `meml sft grpo` (SFT on the tutor expert's traces, the ExpertX-SFT start of GRPO);
   2. stage 2 from those checkpoints (model.name_or_path=<run>/checkpoints/sft-*/model,
      sft.enabled=false), per seed:
@@ -18,6 +20,8 @@ where SmolLM2-135M still fails most questions after stage 1.
      seed) and the same settings otherwise; held-out greedy accuracy on the same
      --eval-questions test questions before RL, every --eval-every steps and at the end.
 Run directories go under --root (default runs/learning, git-ignored); checkpoints stay there.
+Every job imports a copy of src/ taken when `run` first starts (--root/src-snapshot, its commit
+in src-snapshot.txt), so edits to the working tree during the hours of runs change nothing.
 `plot` reads their metrics.jsonl and writes mean and spread over seeds per arm: held-out
 accuracy (best expert, the tutor expert all arms share, any expert), per-expert accuracy
 of the multi-expert arms, training reward and zero-signal fraction per step, plus MEML's
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,12 +71,17 @@ def sft_model(args, variant: str, seed: int) -> Path:
     return found[-1]
 
 
+def sft_seeds(args, seeds: list[int]) -> list[int]:
+    """Stage 1 per RL seed, or once (--sft-seed) with every RL seed starting from it."""
+    return seeds if args.sft_seed is None else [args.sft_seed]
+
+
 def jobs(args) -> list[tuple[Path, list[str]]]:
     seeds = [int(x) for x in args.seeds.split(",")]
     arms = args.arms.split(",")
     out = []
     variants = sorted({ARMS[a][2] for a in arms})
-    for seed in seeds:
+    for seed in sft_seeds(args, seeds):
         for variant in variants:
             d = sft_dir(args, variant, seed)
             out.append((d, ["sft", SFT_PRESET[variant], f"output_dir={d}", "eval.after=true", "eval.before=false",
@@ -83,14 +93,31 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
             out.append((d, ["train", preset, f"output_dir={d}", "sft.enabled=false", f"train.steps={args.steps}",
                             f"train.questions_per_step={args.questions}", f"rollout.num_generations_per_expert={group}",
                             f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", "eval.before=true", "eval.after=true",
-                            *common_overrides(args, seed), (variant, seed)]))
+                            *common_overrides(args, seed), (variant, seed if args.sft_seed is None else args.sft_seed)]))
     return out
 
 
+def snapshot_source(root: Path) -> dict:
+    """A copy of src/ that every job imports (PYTHONPATH), taken at the first start: runs that
+    take hours must not pick up edits made to the working tree meanwhile."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    snap = root / "src-snapshot"
+    if not snap.exists():
+        shutil.copytree(REPO / "src", snap, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        (root / "src-snapshot.txt").write_text(f"{commit}{' (with uncommitted changes in src/)' if dirty else ''}\n")
+    return {"PYTHONPATH": str(snap)}
+
+
 def run(args) -> int:
-    Path(args.root).mkdir(parents=True, exist_ok=True)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **snapshot_source(root)}
+    print(f"source: {root / 'src-snapshot'} = {(root / 'src-snapshot.txt').read_text().strip()}", flush=True)
     meml = str(Path(sys.executable).parent / "meml")
     for d, argv in jobs(args):
+        if args.only_sft and argv[0] != "sft":
+            continue
         if (d / "results.json").exists():
             print(f"done already: {d}", flush=True)
             continue
@@ -99,7 +126,7 @@ def run(args) -> int:
         argv = [a if not isinstance(a, tuple) else f"model.name_or_path={sft_model(args, *a)}" for a in argv]
         print(f"{time.strftime('%H:%M:%S')} {' '.join(['meml', *argv])}", flush=True)
         t0 = time.time()
-        proc = subprocess.run([meml, *argv], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run([meml, *argv], cwd=REPO, capture_output=True, text=True, env=env)
         d.mkdir(parents=True, exist_ok=True)
         (d / "stdout.txt").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
         print(f"   exit {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
@@ -276,6 +303,9 @@ def main() -> int:
     parser.add_argument("--eval-questions", type=int, default=48)
     parser.add_argument("--backend", default="vllm", help="rollout.backend (vllm: run with the vLLM venv's python)")
     parser.add_argument("--sft-examples", type=int, default=96, help="sft.max_examples: stage-1 questions (the default)")
+    parser.add_argument("--sft-seed", type=int, default=None,
+                        help="one stage-1 run with this seed that every RL seed starts from (default: one per seed)")
+    parser.add_argument("--only-sft", action="store_true", help="run: only the stage-1 jobs")
     parser.add_argument("--smooth", type=int, default=3, help="moving-mean window of the per-step plots")
     args = parser.parse_args()
     return run(args) if args.command == "run" else plot(args)

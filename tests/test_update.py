@@ -8,6 +8,7 @@ from meml import losses
 from meml.update import (
     LossSettings,
     TrainItem,
+    _cache_argument,
     accumulate_gradients,
     collate,
     micro_batches,
@@ -121,3 +122,45 @@ def test_tis_correction_weights_each_pg_token(model):
         w = expected_w if row == 0 else torch.ones(k)
         manual += float((-it.advantage * logp[row, :k] * w).sum() * it.weight)
     assert stats["pg_loss"] == pytest.approx(manual, rel=1e-4)
+
+
+def _grouped_items():
+    """Two prompts of different lengths, each with several answers of different lengths."""
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for q, plen in enumerate((6, 3)):
+        p = torch.randint(3, 200, (plen,), generator=g).tolist()
+        for k in range(3):
+            r = torch.randint(3, 200, (2 + k + q,), generator=g).tolist()
+            items.append(TrainItem("pg", p, r, weight=0.25, coef=1.0, advantage=(k - 1) * (q + 1) / 2))
+    return items
+
+
+def test_shared_prompt_pass_gives_the_full_rows_logits_and_gradients(model):
+    assert _cache_argument(model)  # the shared-prompt pass applies to this model
+    items = _grouped_items()
+    batch = collate([it.prompt_ids for it in items], [it.response_ids for it in items], pad_id=2, device="cpu")
+    assert batch.distinct_rows.tolist() == [0, 3] and batch.prompt_rows.tolist() == [0, 0, 0, 1, 1, 1]
+
+    def grads_of(b):
+        model.zero_grad(set_to_none=True)
+        logits = response_logits(model, b)
+        logp = losses.token_logprobs(logits, b.targets)
+        (logp * b.mask * torch.arange(1, len(items) + 1)[:, None]).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full = collate([it.prompt_ids for it in items], [it.response_ids for it in items], pad_id=2, device="cpu")
+    full.distinct_rows = None  # forces one forward over every full row
+    shared_logits, shared = grads_of(batch)
+    full_logits, whole = grads_of(full)
+    mask = batch.mask.bool()
+    torch.testing.assert_close(shared_logits[mask], full_logits[mask], rtol=1e-4, atol=1e-5)
+    for name in whole:
+        torch.testing.assert_close(shared[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_keep_a_prompts_rows_together():
+    items = _grouped_items()
+    for group in micro_batches(items, token_budget=40):
+        prompts = [tuple(items[i].prompt_ids) for i in group]
+        assert prompts == sorted(prompts, key=prompts.index)  # each prompt's rows adjacent
