@@ -257,7 +257,7 @@ def test_two_step_meml_run_on_vllm(tmp_path):
 
 
 def test_layer_groups_keep_fused_layers_whole():
-    from meml.rollout_vllm import layer_groups
+    from meml.vllm_weights import layer_groups
 
     names = [
         "model.layers.0.self_attn.q_proj.weight",
@@ -284,7 +284,7 @@ def test_lora_weights_are_merged_and_their_updates_seen(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from meml.rollout_vllm import merged_weights, weight_versions
+    from meml.vllm_weights import merged_weights, weight_versions
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(
