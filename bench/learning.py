@@ -208,12 +208,15 @@ def plot(args) -> int:
     fig.savefig(img / "learning_accuracy.png", dpi=90)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for arm in arms:
         band(axes[0], *rl_curve(arm, "zero_signal_frac"), arm, smooth=args.smooth)
-        band(axes[1], *rl_curve(arm, "reward/mean"), arm, smooth=args.smooth)
-    axes[0].set_title(f"zero-signal fraction of (question, expert) groups ({args.smooth}-step moving mean)", fontsize=10)
-    axes[1].set_title(f"training reward ({args.smooth}-step moving mean)", fontsize=10)
+        band(axes[1], *rl_curve(arm, "zero_signal_frac_question"), arm, smooth=args.smooth)
+        band(axes[2], *rl_curve(arm, "reward/mean"), arm, smooth=args.smooth)
+    axes[0].set_title("zero-signal fraction of groups (a group: 4 answers in 3x4, 12 in 1x12)", fontsize=9)
+    axes[1].set_title("questions with all 12 answers wrong (same for every arm)", fontsize=9)
+    axes[2].set_title("training reward", fontsize=9)
+    fig.suptitle(f"{args.smooth}-step moving mean over seeds (line) and min-max (band)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
@@ -252,6 +255,7 @@ def plot(args) -> int:
                 "final_best_expert": last.get("best_expert"),
                 "mean_eval_acc_best": sum(e["acc/best"] for e in ev) / len(ev),
                 "zero_signal_frac": sum(x["zero_signal_frac"] for x in r["rl"]) / len(r["rl"]),
+                "zero_signal_frac_question": sum(x.get("zero_signal_frac_question", float("nan")) for x in r["rl"]) / len(r["rl"]),
                 "zero_signal_first5": sum(x["zero_signal_frac"] for x in r["rl"][:5]) / max(1, len(r["rl"][:5])),
                 "zero_signal_last5": sum(x["zero_signal_frac"] for x in r["rl"][-5:]) / max(1, len(r["rl"][-5:])),
                 "reward": sum(x["reward/mean"] for x in r["rl"]) / len(r["rl"]),
@@ -265,7 +269,7 @@ def plot(args) -> int:
                 "steps": len(r["rl"]),
             }
         agg = {}
-        for key in ("mean_eval_acc_best", "zero_signal_frac", "zero_signal_first5", "zero_signal_last5", "reward", "trained_sequences_per_step",
+        for key in ("mean_eval_acc_best", "zero_signal_frac", "zero_signal_frac_question", "zero_signal_first5", "zero_signal_last5", "reward", "trained_sequences_per_step",
                     "iml_fired_per_step", "rescued_per_step", "hsft_flushes", "completion_len", "truncated_frac"):
             agg[key] = spread([v[key] for v in per_seed.values()])
         for which in ("start", "final"):
@@ -280,12 +284,12 @@ def plot(args) -> int:
             agg["gain/acc/tutor"] = spread(gains_t)
         summary["arms"][arm] = {"per_seed": per_seed, "over_seeds": agg}
     write_json("learning.json", summary)
-    print(f"{'arm':18}{'start best':>12}{'final best':>12}{'gain':>14}{'final tutor':>13}{'zero-signal':>13}{'reward':>9}")
+    print(f"{'arm':18}{'start best':>12}{'final best':>12}{'gain':>14}{'final tutor':>13}{'zero groups':>13}{'zero q':>9}{'reward':>9}")
     for arm, d in summary["arms"].items():
         o = d["over_seeds"]
         print(f"{arm:18}{o['start/acc/best']['mean']:>12.3f}{o['final/acc/best']['mean']:>12.3f}"
               f"{o['gain/acc/best']['mean']:>+9.3f}±{o['gain/acc/best']['sd']:.3f}{o['final/acc/tutor']['mean']:>13.3f}"
-              f"{o['zero_signal_frac']['mean']:>13.3f}{o['reward']['mean']:>9.3f}")
+              f"{o['zero_signal_frac']['mean']:>13.3f}{o['zero_signal_frac_question']['mean']:>9.3f}{o['reward']['mean']:>9.3f}")
     return 0
 
 
