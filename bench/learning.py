@@ -16,6 +16,7 @@ where SmolLM2-135M still fails most questions after stage 1.
        meml             MEML-GRPO, 3 experts x 4 answers, IML and HSFT      (from MEF)
        grpo, dr_grpo    one expert x 12 answers                             (from tutor SFT)
        moe_sft_grpo, moe_sft_dr_grpo   3 experts x 4, no IML/HSFT          (from MEF: isolates stage 2)
+       no_hsft          MEML-GRPO without the hard-example buffer           (from MEF)
      Every arm samples 12 answers per question, with the same questions per step (same
      seed) and the same settings otherwise; held-out greedy accuracy on the same
      --eval-questions test questions before RL, every --eval-every steps and at the end.
@@ -48,11 +49,13 @@ ARMS = {  # arm: (preset, answers per (question, expert), stage-1 variant)
     "dr_grpo": ("dr_grpo", 12, "tutor"),
     "moe_sft_grpo": ("moe_sft_grpo", 4, "mef"),
     "moe_sft_dr_grpo": ("moe_sft_dr_grpo", 4, "mef"),
+    "no_hsft": ("no_hsft", 4, "mef"),
 }
 SFT_PRESET = {"mef": "meml", "tutor": "grpo"}
 LABELS = {"meml": "MEML-GRPO (3x4)", "grpo": "GRPO (1x12)", "dr_grpo": "Dr.GRPO (1x12)",
-          "moe_sft_grpo": "MoE-SFT + GRPO (3x4)", "moe_sft_dr_grpo": "MoE-SFT + Dr.GRPO (3x4)"}
-COLORS = {"meml": "tab:red", "grpo": "tab:blue", "dr_grpo": "tab:green", "moe_sft_grpo": "tab:purple", "moe_sft_dr_grpo": "tab:olive"}
+          "moe_sft_grpo": "MoE-SFT + GRPO (3x4)", "moe_sft_dr_grpo": "MoE-SFT + Dr.GRPO (3x4)",
+          "no_hsft": "MEML-GRPO without HSFT (3x4)"}
+COLORS = {"meml": "tab:red", "grpo": "tab:blue", "dr_grpo": "tab:green", "moe_sft_grpo": "tab:purple", "moe_sft_dr_grpo": "tab:olive", "no_hsft": "tab:orange"}
 
 
 def common_overrides(args, seed: int) -> list[str]:
