@@ -116,9 +116,6 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, d
                     prompt_rows.to(device), torch.tensor(first_rows).to(device))
 
 
-_KEEP_CACHE: dict[type, bool] = {}
-
-
 def response_logits(model: torch.nn.Module, batch: Collated) -> torch.Tensor:
     """Logits predicting each response token: (B, R, V)."""
     if batch.distinct_rows is not None and len(batch.distinct_rows) < len(batch.input_ids) and (cache_arg := _cache_argument(model)):
@@ -177,6 +174,9 @@ def _cache_argument(model: torch.nn.Module) -> str | None:
         name = next((n for n in ("cache", "past_key_values") if n in params), None)
         _CACHE_ARG[key] = name if name and "logits_to_keep" in params and hasattr(DynamicCache, "batch_select_indices") else None
     return _CACHE_ARG[key]
+
+
+_KEEP_CACHE: dict[type, bool] = {}
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
