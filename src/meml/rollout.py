@@ -133,8 +133,9 @@ class HFEngine:
             self._owns_copy = True
         self._config_for_generation()
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if head is not None:  # the prefill's strided last position: see the module docstring
+        if head is not None and not getattr(head, "_meml_contiguous_input", False):  # the prefill's strided last position: see the module docstring
             head.register_forward_pre_hook(_contiguous_input)
+            head._meml_contiguous_input = True  # once per module, however many engines share it
 
     def _config_for_generation(self) -> None:
         base = getattr(self.model, "get_base_model", lambda: self.model)()

@@ -225,17 +225,17 @@ def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: L
     adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
     stats: dict[str, float] = {"clip_frac_sum": 0.0, "kl_sum": 0.0, "is_weight_sum": 0.0, "is_truncated_sum": 0.0, "is_tokens": 0.0}  # same keys on every process
 
+    # The policy this update is relative to: the scored old log-probs (PPO, several updates
+    # per batch), else the current policy itself, detached (ratio 1).
+    has_old = settings.loss == "ppo_clip" and all(it.old_logprobs is not None for it in items if it.kind == "pg")
+    behaviour = _stack([it.old_logprobs for it in items], R, device) if has_old else logp.detach()
     if settings.loss == "ppo_clip":
-        has_old = all(it.old_logprobs is not None for it in items if it.kind == "pg")
-        old = _stack([it.old_logprobs for it in items], R, device) if has_old else logp.detach()
-        pg_tok, clipped = losses.ppo_clip_loss(logp, old, adv, settings.clip_eps_low, settings.clip_eps_high)
+        pg_tok, clipped = losses.ppo_clip_loss(logp, behaviour, adv, settings.clip_eps_low, settings.clip_eps_high)
         stats["clip_frac_sum"] = float((clipped * batch.mask)[is_pg].sum())
     else:
         pg_tok = losses.reinforce_loss(logp, adv)
     if settings.tis_cap > 0 and any(it.sample_logprobs is not None for it in items):
         has = torch.tensor([it.sample_logprobs is not None for it in items], device=device).unsqueeze(-1)  # (B, 1)
-        behaviour = _stack([it.old_logprobs for it in items], R, device) if settings.loss == "ppo_clip" and all(
-            it.old_logprobs is not None for it in items if it.kind == "pg") else logp.detach()
         w = losses.truncated_is_weights(behaviour, _stack([it.sample_logprobs for it in items], R, device), settings.tis_cap)
         w = torch.where(has, w, torch.ones_like(w))  # (B, R); 1 where the engine reported nothing
         pg_tok = pg_tok * w
