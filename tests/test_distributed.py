@@ -3,8 +3,10 @@ batch and seeds: the trained parameters agree.
 
 Rollout seeds are per (question, expert) and every normaliser is global, so both runs see
 the same samples and take the same gradient; what differs is float summation order in the
-gradient all-reduce. Tolerance: parameters agree to 1e-5 absolute after MEF + 2 RL steps at
-lr 1e-3 (updates are ~1e-3 per step, so this is 1% of one step).
+gradient all-reduce. Tolerance: parameters agree to 1% of the largest parameter update
+after MEF + 2 RL steps at lr 1e-3 (AdamW turns a gradient element near zero, whose sign the
+summation order can move, into an update of ~lr, so an absolute bound tighter than that is
+a property of the CPU, not of the code; a wrong normaliser moves parameters by a whole step).
 """
 
 import os
@@ -55,7 +57,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     worst = max((b[k] - a[k]).abs().max().item() for k in a)
     print(f"largest parameter update {moved:.2e}, largest difference between 1 and 2 processes {worst:.2e}")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0.01 * moved, msg=lambda m, k=k: f"{k}: {m}")
     metrics_one = (one / "metrics.jsonl").read_text().count('"stage": "rl"')
     assert metrics_one == 2 and (two / "metrics.jsonl").read_text().count('"stage": "rl"') == 2
 

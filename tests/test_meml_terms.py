@@ -89,5 +89,8 @@ def test_total_loss_is_pg_plus_weighted_iml_plus_weighted_sft(model):
         run(model, [item])
         g = {n: p.grad.clone() for n, p in model.named_parameters()}
         summed = g if summed is None else {n: summed[n] + g[n] for n in g}
+    # fp32 sums in another order: an element that nearly cancels keeps only an absolute
+    # agreement, so the tolerance is relative to the tensor's largest gradient
     for n in grads_total:
-        torch.testing.assert_close(grads_total[n], summed[n], rtol=1e-4, atol=1e-7)
+        atol = 1e-4 * float(summed[n].abs().max())
+        torch.testing.assert_close(grads_total[n], summed[n], rtol=1e-4, atol=atol)

@@ -79,12 +79,14 @@ sys.exit(main(sys.argv[1:]))
 # lr 1e-3 so that any state not carried over shows; a length-parity reward without the
 # verifier so the policy gradient, IML and HSFT all fire on a random model; bf16 so the
 # rollout engine keeps its own bf16 copy of the weights, which a resume must rebuild.
+# Every failed group pushes (push_prob 1), so the buffer fills and flushes within 6 steps
+# whatever the random model samples on a given CPU.
 # Evals before, every 2 RL steps and after, and samples every step: their records must
 # read as one uninterrupted run too.
 SETTINGS = {
     "train.steps": 6, "sft.batch_size": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
     "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3", "sft.lr": "1e-3",
-    "algo.hsft.buffer_size": 4, "model.dtype": "bf16",
+    "algo.hsft.buffer_size": 6, "algo.hsft.push_prob": 1.0, "model.dtype": "bf16",
     "eval.before": "true", "eval.every_steps": 2, "eval.after": "true", "log.samples_every": 1,
 }
 
