@@ -26,7 +26,7 @@ from meml.data.base import DataError
 from meml.model import ModelLoadError
 from meml.rewards.functions import RewardConfigError
 
-SUBCOMMAND_MODULES = ["meml.evaluate_cli", "meml.distill", "meml.data.inspect", "meml.report"]
+SUBCOMMAND_MODULES = ["meml.evaluate_cli", "meml.distill", "meml.data.inspect", "meml.report", "meml.study.cli"]
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:

@@ -11,8 +11,8 @@ model directory, a .gguf file or a hub id; without it, the configured model. `--
 is short for task.name=NAME. Questions go in batches of eval.batch_size with a progress
 bar; after each batch its records are appended to <out>/records.jsonl, so an interrupted
 evaluation started again with the same command skips the questions already there.
-<out> is <run>/eval/<checkpoint> for a run, else output_dir (default
-runs/eval-<model>-<task>). Also written: <out>/summary.json and <out>/eval_settings.json
+<out> is output_dir when given, else <run>/eval/<checkpoint> for a run, else
+runs/eval-<model>-<task>. Also written: <out>/summary.json and <out>/eval_settings.json
 (what the records were made with; a rerun with other settings is refused, not mixed in).
 """
 
@@ -77,8 +77,8 @@ def resolve(target: str | None, overrides: list[str], preset: str | None, task: 
         if latest is None:
             raise FileNotFoundError(f"{run_dir} has no valid checkpoint to evaluate")
         keep = _as_overrides(base, drop_task=bool(task) and task != base.task.name)  # another task: its own defaults
-        cfg = load_config(preset, [*keep, *overrides])
-        return cfg, run_dir / "eval" / latest.name, str(latest / "model")
+        cfg = load_config(preset, [*keep, *overrides])  # output_dir is only set when given here
+        return cfg, Path(cfg.output_dir) if cfg.output_dir else run_dir / "eval" / latest.name, str(latest / "model")
     cfg = load_config(preset, [*([f"model.name_or_path={target}"] if target else []), *overrides])
     if cfg.output_dir:
         return cfg, Path(cfg.output_dir), None

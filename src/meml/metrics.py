@@ -153,3 +153,97 @@ def compute_matched_coverage(n, c, expert_names: list[str], k: int, resamples: i
     point, low, high = paired_bootstrap(mixture, singles, resamples, seed, confidence) if len(n) else (0.0, 0.0, 0.0)
     return MatchedCoverage(k, float(mixture.mean()) if len(n) else 0.0, dict(zip(expert_names, means.tolist())),
                            expert_names[best], point, low, high, len(n))
+
+
+# ----------------------------------------------------------------------------- studies
+#
+# `meml compare` runs arms over seeds and scores every final model on the same questions.
+# The figures below turn those scores into claims: a (seeds, questions) array of 0/1
+# correctness per arm, paired by seed and question id.
+
+
+@dataclass
+class PairedDifference:
+    """mean(a) - mean(b) over seeds x questions, with a bootstrap interval and p-value."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    per_seed: list[float]  # the difference on each seed (run-to-run spread)
+    seeds: int
+    questions: int
+
+    def as_dict(self) -> dict:
+        return {"diff": self.estimate, "low": self.low, "high": self.high, "p": self.p_value, "per_seed": self.per_seed,
+                "seeds": self.seeds, "questions": self.questions}
+
+
+def bootstrap_weights(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
+    """(resamples, size) counts: how often each index is drawn in a resample with replacement."""
+    draws = rng.integers(0, size, size=(resamples, size))  # (B, size)
+    return np.stack([np.bincount(row, minlength=size) for row in draws]).astype(float)
+
+
+def paired_difference(a, b, resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+    """Paired comparison of two arms scored on the same (seed, question) cells.
+
+    a, b: (S, Q) scores (seed s of both arms, question q). d = a - b. The estimate is the
+    mean of d. Each bootstrap resample draws S seeds and, independently, Q questions with
+    replacement (a two-way bootstrap: it carries both the run-to-run and the question-to-
+    question spread); its mean is sum_s sum_q w_s v_q d_sq / (S Q) with w, v the draw
+    counts. Interval: percentiles of the resampled means. p-value (two-sided, H0: no
+    difference): the share of resampled means at least as far from the estimate as the
+    estimate is from 0, (1 + #{|m_b - d| >= |d|}) / (1 + B).
+
+    >>> r = paired_difference([[1, 1, 0, 1]], [[0, 1, 0, 0]], resamples=200)
+    >>> r.estimate, r.per_seed
+    (0.5, [0.5])
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"paired_difference needs two (seeds, questions) arrays of the same shape; got {a.shape} and {b.shape}")
+    d = a - b  # (S, Q)
+    S, Q = d.shape
+    estimate = float(d.mean())
+    rng = np.random.default_rng(seed)
+    w = bootstrap_weights(rng, S, resamples)  # (B, S)
+    v = bootstrap_weights(rng, Q, resamples)  # (B, Q)
+    means = np.einsum("bs,sq,bq->b", w, d, v) / (S * Q)  # (B,)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    far = int(np.sum(np.abs(means - estimate) >= abs(estimate) - 1e-12))
+    p = (1 + far) / (1 + resamples) if estimate != 0 else 1.0
+    return PairedDifference(estimate, float(low), float(high), float(p), d.mean(1).tolist(), S, Q)
+
+
+def mean_and_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value).
+
+    >>> mean_and_sd([0.25, 0.5, 0.75])
+    (0.5, 0.25)
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def choose_by_validation(scores: dict, higher_is_better: bool = True):
+    """The key (an lr, an expert) whose mean validation score is best; a tie goes to the key
+    listed first, so the rule is fixed before any score is read.
+
+    scores: key -> list of validation scores (one per selection seed).
+    >>> choose_by_validation({1e-6: [0.2, 0.3], 1e-5: [0.4, 0.1], 5e-5: [0.25, 0.2]})
+    1e-06
+    """
+    if not scores:
+        raise ValueError("nothing to choose from")
+    sign = 1.0 if higher_is_better else -1.0
+    best_key, best = None, -float("inf")
+    for key, values in scores.items():
+        value = sign * float(np.mean(values))
+        if value > best:
+            best_key, best = key, value
+    return best_key

@@ -5,6 +5,7 @@
   zero_signal_frac, zero_signal/<e>     (question, expert) groups whose rewards are all equal:
                                         their advantage is 0 and they teach nothing
   zero_signal_frac_question             questions whose pooled rewards are all equal
+  all_wrong_frac_question               questions with no correct answer from any expert
   rescued                               questions where expert 0 had no correct answer but
                                         another expert did
   iml/fired, iml/weak/<e>, iml/strong/<e>, iml/loss
@@ -49,6 +50,7 @@ def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, rew
     zero = {k: len({x[2] for x in g if x[2] is not None}) <= 1 for k, g in groups.items()}
     m["zero_signal_frac"] = sum(zero.values()) / max(1, len(zero))
     m["zero_signal_frac_question"] = sum(len({x[2] for x in q if x[2] is not None}) <= 1 for q in questions.values()) / max(1, len(questions))
+    m["all_wrong_frac_question"] = sum(not any(x[3] for x in q) for q in questions.values()) / max(1, len(questions))
     for i, name in enumerate(names):
         mine = [r for r in valid if r[1] == i]
         m[f"reward/{name}"] = sum(r[2] for r in mine) / max(1, len(mine))

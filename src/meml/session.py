@@ -114,7 +114,7 @@ def attach_model(s: Session, source: str | None = None) -> None:
     if s.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    source = source or model_lib.resolve_model_source(cfg.model)
+    source = source or model_source(cfg)
     s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
@@ -127,6 +127,26 @@ def attach_model(s: Session, source: str | None = None) -> None:
     s.buffer = HardExampleBuffer(cfg.algo.hsft.buffer_size)
     log.info("model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
              cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
+
+
+def model_source(cfg: Config) -> str:
+    """What to load: model.name_or_path, where a run directory (it holds checkpoints/ and no
+    config.json) means the model of its newest valid checkpoint (`meml train
+    model.name_or_path=runs/sft-1 sft.enabled=false` continues from a stage-1 run)."""
+    path = Path(cfg.model.name_or_path).expanduser()
+    if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        from meml import checkpoint as ckpt
+
+        latest = ckpt.find_latest(path)
+        if latest is None:
+            raise model_lib.ModelLoadError(f"model.name_or_path: run directory {path} has no valid checkpoint")
+        if not (latest / "model" / "config.json").exists():
+            raise model_lib.ModelLoadError(
+                f"model.name_or_path: {latest / 'model'} holds a LoRA adapter, not a whole model; "
+                "start from the base model with the adapter's run resumed instead")
+        log.info("model.name_or_path: run directory %s, checkpoint %s", path, latest.name)
+        return str(latest / "model")
+    return model_lib.resolve_model_source(cfg.model)
 
 
 def sharded(s: Session) -> bool:

@@ -9,7 +9,10 @@ and the same worked solution in three trace styles, one per default expert:
   check      a compact solution followed by a check that works backwards
 Each ends with "The answer is N." so the strict numeric verifier can read it.
 
-Options (task.options): difficulty (default 2), train_size (2000), test_size (200), seed (0).
+Splits: train, validation and test, generated independently (the split name is part of
+each example's random seed), so no question is shared between them.
+Options (task.options): difficulty (default 2), train_size (2000), validation_size (200),
+test_size (200), seed (0).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ CONTAINERS = ["bags", "boxes", "packs", "jars", "trays"]
 FRIENDS = ["a friend", "a cousin", "a neighbour", "the teacher", "a classmate"]
 MULT_WORDS = {2: "doubles", 3: "triples"}
 STYLES = ("prose", "equations", "check")
-DEFAULT_OPTIONS = {"difficulty": 2, "train_size": 2000, "test_size": 200, "seed": 0}
+DEFAULT_OPTIONS = {"difficulty": 2, "train_size": 2000, "validation_size": 200, "test_size": 200, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
     difficulty, seed = int(opts["difficulty"]), int(opts["seed"])
     if difficulty < 1:
         raise DataError(f"task.options.difficulty={difficulty} must be >= 1")
-    sizes = {"train": int(opts["train_size"]), "test": int(opts["test_size"])}
+    sizes = {"train": int(opts["train_size"]), "validation": int(opts["validation_size"]), "test": int(opts["test_size"])}
 
     def load(split: str) -> list[Example]:
         if split not in sizes:

@@ -1,0 +1,1 @@
+"""`meml compare`: studies of arms x seeds x learning rates with paired statistics."""

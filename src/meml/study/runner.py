@@ -1,0 +1,352 @@
+"""Running a study: jobs, one JSON record per finished run, resumable.
+
+The jobs, in the order they run (breadth first, so a study stopped early has every arm
+on the first seeds):
+  1. stage 1 of each recipe an arm needs, per seed, when first needed
+     (`meml sft PRESET ... seed=S`), evaluated like any run;
+  2. the learning-rate grid: every arm at every lr of its grid, on the selection seeds
+     (`meml train PRESET model.name_or_path=<stage-1 model> sft.enabled=false optim.lr=LR`);
+  3. each arm's lr is chosen on the selection split (metrics.choose_by_validation), and the
+     other seeds run at that lr.
+Each run is then evaluated on every evaluation set (`meml eval RUN_DIR ...`), and its
+record `<records>/<job>.json` is written at once: the arm, seed, lr, the resolved config,
+the commands, every eval summary, per-question scores per expert and of the majority
+vote, and training statistics from metrics.jsonl.
+
+Rerunning the study skips jobs whose record exists; a record or run directory made with
+other settings than the study now asks for is refused, naming what changed. A run that
+was killed continues from its newest checkpoint (`--resume`), or starts again when it
+had none; an evaluation continues from the records it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meml.metrics import choose_by_validation
+from meml.study.spec import StudySpec
+from meml.validation import ConfigError
+
+log = logging.getLogger("meml")
+
+
+class StudyError(RuntimeError):
+    """A job of the study failed; its log is named in the message."""
+
+
+@dataclass
+class Job:
+    key: str  # the record's file name: stage1-<recipe>-s<seed> or <arm>-lr<lr>-s<seed>
+    kind: str  # stage1 | rl
+    arm: str  # the arm, or the stage-1 recipe for kind stage1
+    seed: int
+    lr: float | None
+    preset: str
+    overrides: list[str]
+    run_dir: Path
+    start: Job | None = None  # the stage-1 job whose model it starts from
+    phase: str = "grid"  # grid (the lr selection runs) | seeds (the other seeds, at the chosen lr)
+    evals: dict[str, list[str]] = field(default_factory=dict)  # eval set -> `meml eval` arguments
+
+    @property
+    def subcommand(self) -> str:
+        return "sft" if self.kind == "stage1" else "train"
+
+
+def lr_tag(lr: float | None) -> str:
+    return "default" if lr is None else f"{lr:.0e}".replace("e-0", "e-")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def stage1_job(spec: StudySpec, recipe: str, seed: int) -> Job:
+    r = spec.stage1[recipe]
+    key = f"stage1-{recipe}-s{seed}"
+    run_dir = Path(spec.runs_dir) / key
+    overrides = [*spec.common, *r.overrides, *_fixed(seed, run_dir), "checkpoint.keep_last=1"]
+    job = Job(key, "stage1", recipe, seed, None, r.preset, overrides, run_dir)
+    job.evals = eval_arguments(spec, run_dir)
+    return job
+
+
+def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str) -> Job:
+    a = spec.arms[arm]
+    key = f"{arm}-lr{lr_tag(lr)}-s{seed}"
+    run_dir = Path(spec.runs_dir) / key
+    start = stage1_job(spec, a.stage1, seed) if a.stage1 else None
+    # model.name_or_path=<a run directory> loads that run's newest checkpoint
+    start_model = [f"model.name_or_path={start.run_dir}"] if start else []
+    overrides = [*spec.common, *spec.rl, *a.overrides, "sft.enabled=false", *start_model, *([f"optim.lr={lr}"] if lr is not None else []),
+                 *_fixed(seed, run_dir), "eval.after_mef=false", "checkpoint.keep_last=1"]
+    job = Job(key, "rl", arm, seed, lr, a.preset, overrides, run_dir, start, phase)
+    job.evals = eval_arguments(spec, run_dir)
+    return job
+
+
+def _fixed(seed: int, run_dir: Path) -> list[str]:
+    """Overrides the study owns: they come last, so they win over the arms' own."""
+    return [f"seed={seed}", f"output_dir={run_dir}", "eval.before=false", "eval.after=false", "log.progress=false"]
+
+
+def eval_arguments(spec: StudySpec, run_dir: Path) -> dict[str, list[str]]:
+    out = {}
+    for name, e in spec.evaluation.items():
+        args = [str(run_dir), *(["--task", e.task] if e.task else []), f"task.eval_split={e.split}",
+                f"task.max_eval_examples={'null' if e.questions is None else e.questions}", *e.overrides,
+                f"output_dir={run_dir / ('eval-' + name)}", "log.progress=false"]
+        out[name] = args
+    return out
+
+
+def grid(spec: StudySpec, arm: str) -> list[float | None]:
+    return list(spec.arms[arm].lrs) or [None]
+
+
+def grid_jobs(spec: StudySpec) -> list[Job]:
+    return [rl_job(spec, arm, lr, seed, "grid") for seed in spec.selection_seeds for arm in spec.arms for lr in grid(spec, arm)]
+
+
+def chosen_lr(spec: StudySpec, arm: str, records: dict[str, dict]) -> float | None:
+    """The arm's lr chosen on the selection split, or None while its grid is unfinished.
+
+    Score: the shared expert's accuracy on the selection split, mean over the selection seeds."""
+    lrs = grid(spec, arm)
+    if len(lrs) == 1:
+        return lrs[0]
+    scores = {}
+    for lr in lrs:
+        recs = [records.get(rl_job(spec, arm, lr, s, "grid").key) for s in spec.selection_seeds]
+        if any(r is None for r in recs):
+            return None
+        scores[lr] = [r["eval"][spec.selection.split]["summary"][f"acc/{shared_expert(spec, r)}"] for r in recs]
+    return choose_by_validation(scores)
+
+
+def shared_expert(spec: StudySpec, record: dict) -> str:
+    experts = record["experts"]
+    if spec.shared_expert not in experts:
+        raise ConfigError(f"shared_expert '{spec.shared_expert}' is not an expert of {record['job']} (experts: {experts})")
+    return spec.shared_expert
+
+
+def seed_jobs(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Job], list[str]]:
+    """The non-selection seeds of every arm whose lr is chosen; the arms still waiting."""
+    jobs, waiting = [], []
+    rest = [s for s in spec.seeds if s not in spec.selection_seeds]
+    for arm in spec.arms:
+        lr = chosen_lr(spec, arm, records)
+        if lr is None and len(grid(spec, arm)) > 1:
+            waiting.append(arm)
+            continue
+        jobs.extend(rl_job(spec, arm, lr, seed, "seeds") for seed in rest)
+    jobs.sort(key=lambda j: (spec.seeds.index(j.seed), list(spec.arms).index(j.arm)))
+    return jobs, waiting
+
+
+def all_stage1_jobs(spec: StudySpec) -> list[Job]:
+    """Every stage-1 recipe on every seed (a recipe no arm uses is still run and evaluated:
+    a study can compare starting points alone)."""
+    return [stage1_job(spec, recipe, seed) for seed in spec.seeds for recipe in spec.stage1]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def read_records(spec: StudySpec) -> dict[str, dict]:
+    out = {}
+    if spec.records.exists():
+        for path in sorted(spec.records.glob("*.json")):
+            if path.name in ("summary.json", "study.json"):
+                continue
+            try:
+                rec = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc}); delete it to run that job again") from None
+            if isinstance(rec, dict) and "job" in rec:
+                out[rec["job"]] = rec
+    return out
+
+
+def planned_config(job: Job) -> dict:
+    """The resolved config the job's command gives (nothing is loaded but the config)."""
+    from meml.config import load_config, to_dict
+
+    stage1 = ["sft.enabled=true", "train.steps=0"] if job.kind == "stage1" else []  # what `meml sft` adds
+    try:
+        return to_dict(load_config(job.preset, [*stage1, *job.overrides]))
+    except ConfigError as exc:
+        raise ConfigError(f"job {job.key} (preset {job.preset}): {exc}") from None
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_unchanged(job: Job, record: dict | None) -> None:
+    """Refuse a record or run directory made with other settings than the study asks for."""
+    planned = planned_config(job)
+    if record is not None:
+        changed = config_differences(record["config"], planned)
+        if record.get("evals") != job.evals:
+            changed.append("evaluation sets or their settings")
+        if changed:
+            raise ConfigError(f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])}). "
+                              "Restore the study file, or delete that record (and its run directory) to run the job again.")
+        return
+    saved = job.run_dir / "config.yaml"
+    if saved.exists():
+        import yaml
+
+        old = yaml.safe_load(saved.read_text()) or {}
+        old.get("checkpoint", {}).pop("resume", None)
+        new = json.loads(json.dumps(planned))
+        new.get("checkpoint", {}).pop("resume", None)
+        changed = config_differences(old, new)
+        if changed:
+            raise ConfigError(f"{job.key}: {job.run_dir} holds a run made with other settings ({'; '.join(changed[:6])}). "
+                              "Restore the study file, or delete that directory to run the job again.")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Runner:
+    """Runs jobs as subprocesses (`launcher` + arguments), one at a time."""
+
+    def __init__(self, spec: StudySpec, launcher: list[str] | None = None, echo=print):
+        self.spec = spec
+        self.launcher = launcher or list(spec.launcher) or [sys.executable, "-m", "meml.cli"]
+        self.echo = echo
+        self.records = read_records(spec)
+        for key, rec in self.records.items():
+            rec["_path"] = str(spec.records / f"{key}.json")
+
+    def command(self, job: Job) -> list[str]:
+        return [*self.launcher, job.subcommand, job.preset, *job.overrides, "--resume"]
+
+    def eval_command(self, job: Job, name: str) -> list[str]:
+        return [*self.launcher, "eval", *job.evals[name]]
+
+    def ensure(self, job: Job) -> dict:
+        """The job's record: read, or made by running what is missing."""
+        record = self.records.get(job.key)
+        if job.start is not None:
+            self.ensure(job.start)
+        check_unchanged(job, record)
+        if record is not None:
+            return record
+        t0 = time.time()
+        self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: {'training' if not (job.run_dir / 'results.json').exists() else 'evaluating'}")
+        if not (job.run_dir / "results.json").exists():
+            if job.run_dir.exists() and not list((job.run_dir / "checkpoints").glob("*-0*")):
+                shutil.rmtree(job.run_dir)  # killed before its first checkpoint: start it again, logs and all
+            self.run(self.command(job), job.run_dir.parent / "logs" / f"{job.key}.log")
+        for name in job.evals:
+            self.run(self.eval_command(job, name), job.run_dir.parent / "logs" / f"{job.key}.eval-{name}.log")
+        from meml.study.record import build_record
+
+        record = build_record(self.spec, job, planned_config(job), self.command(job), wall_s=time.time() - t0)
+        write_json(self.spec.records / f"{job.key}.json", record)
+        record["_path"] = str(self.spec.records / f"{job.key}.json")
+        self.records[job.key] = record
+        if job.kind == "rl" and not self.spec.keep_checkpoints:
+            shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record holds what was measured
+        self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: done in {time.time() - t0:.0f} s -> {record['_path']}")
+        return record
+
+    def run(self, argv: list[str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("a") as out:
+            out.write(f"\n$ {' '.join(argv)}\n")
+            out.flush()
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            try:
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()  # Ctrl-C or a kill of `meml compare`: the job stops with a checkpoint
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        if rc != 0:
+            tail = log_path.read_text().splitlines()[-15:]
+            raise StudyError(f"`{' '.join(argv)}` failed (exit {rc}); log: {log_path}\n" + "\n".join(tail))
+
+    def run_all(self, only: list[str] | None = None) -> dict[str, dict]:
+        """Every job of the study, breadth first; returns the records."""
+        spec = self.spec
+        wanted = (lambda j: j.arm in only) if only else (lambda j: True)
+        for job in all_stage1_jobs(spec):
+            if job.seed in spec.selection_seeds and (not only or any(spec.arms[a].stage1 == job.arm for a in only if a in spec.arms) or job.arm in only):
+                self.ensure(job)
+        for job in grid_jobs(spec):
+            if wanted(job):
+                self.ensure(job)
+        jobs, waiting = seed_jobs(spec, self.records)
+        for arm in waiting:
+            if wanted(Job("", "rl", arm, 0, None, "", [], Path())):
+                raise StudyError(f"arm {arm}: its lr grid is not finished; cannot choose its lr")
+        for job in all_stage1_jobs(spec):
+            if job.key not in self.records and (not only or job.arm in only):
+                self.ensure(job)
+        for job in jobs:
+            if wanted(job):
+                self.ensure(job)
+        return self.records
+
+
+def plan_lines(spec: StudySpec, launcher: list[str] | None = None) -> list[str]:
+    """Shell lines for the jobs that have no record yet, in order (for launching elsewhere)."""
+    import shlex
+
+    runner = Runner(spec, launcher, echo=lambda *_: None)
+    lines: list[str] = []
+    done = runner.records
+
+    def emit(job: Job) -> None:
+        if job.key in done or any(job.key in line for line in lines if line.startswith("# job ")):
+            return
+        if job.start is not None:
+            emit(job.start)
+        lines.append(f"# job {job.key}")
+        lines.append(shlex.join(runner.command(job)))
+        lines.extend(shlex.join(runner.eval_command(job, name)) for name in job.evals)
+
+    for job in [*all_stage1_jobs(spec), *grid_jobs(spec)]:
+        emit(job)
+    jobs, waiting = seed_jobs(spec, done)
+    for job in jobs:
+        emit(job)
+    for arm in waiting:
+        rest = [s for s in spec.seeds if s not in spec.selection_seeds]
+        if rest:
+            lines.append(f"# arm {arm}: seeds {rest} run at the lr chosen on '{spec.selection.split}' once its grid has records: "
+                         "run `meml compare STUDY` (it only assembles records of runs that are done) and print again")
+    lines.append("# then: meml compare STUDY  (writes a record per finished run, the summary and the plots)")
+    return lines
