@@ -1,0 +1,184 @@
+"""`meml compare` end to end on the tiny model, and its choices on hand-made records.
+
+The end-to-end study: two arms (one with a two-lr grid) from two stage-1 recipes, two
+seeds, validation and test sets. It is killed in the middle of a job, run again (it
+finishes, leaving the records written before the kill untouched), and refuses to go on
+when a setting of a finished run changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meml.study.runner import chosen_lr, grid, rl_job
+from meml.study.spec import ArmSpec, EvalSetSpec, StudySpec, load_study
+from meml.study.summary import arm_records, best_on_validation, summarize_study
+from meml.validation import ConfigError
+
+STUDY = """
+name: tiny
+runs_dir: {root}/runs
+records_dir: {root}/records
+seeds: [0, 1]
+common:
+  - model.name_or_path={model}
+  - "task.options={{train_size: 40, validation_size: 4, test_size: 4, difficulty: 1}}"
+  - rollout.max_new_tokens=12
+  - eval.max_new_tokens=8
+  - sft.max_examples=8
+  - sft.batch_size=8
+rl: [train.steps={steps}, train.questions_per_step=2, rollout.num_generations_per_expert=2, algo.hsft.max_wrong=1]
+stage1:
+  mef: {{preset: meml}}
+  tutor: {{preset: grpo}}
+arms:
+  grpo: {{preset: grpo, stage1: tutor, lrs: [1.0e-4, 1.0e-3]}}
+  meml: {{preset: meml, stage1: mef, overrides: [algo.hsft.buffer_size=2]}}
+evaluation:
+  validation: {{split: validation, questions: 4}}
+  test: {{split: test, questions: 4}}
+report: [test]
+comparisons: [[meml, grpo]]
+bootstrap: {{resamples: 200}}
+"""
+JOBS = ["stage1-mef-s0", "stage1-tutor-s0", "grpo-lr1e-4-s0", "grpo-lr1e-3-s0", "meml-lrdefault-s0",
+        "stage1-mef-s1", "stage1-tutor-s1", "meml-lrdefault-s1"]  # + grpo at its chosen lr, seed 1
+
+
+def write_study(root: Path, model: Path, steps: int = 2) -> Path:
+    path = root / "study.yaml"
+    path.write_text(STUDY.format(root=root, model=model, steps=steps))
+    return path
+
+
+def compare(study: Path, *flags: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "meml.cli", "compare", str(study), *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.e2e
+def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_model_dir, tmp_path):
+    study = write_study(tmp_path, tiny_model_dir)
+    records = tmp_path / "records"
+    # 1. killed (with its whole process group, as a lost machine would be) during the 4th job
+    proc = compare(study, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "runs" / "logs" / "grpo-lr1e-3-s0.log").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside that job's training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_text() for p in records.glob("*.json") if p.name != "study.json"}
+    assert set(before) == {"stage1-mef-s0.json", "stage1-tutor-s0.json", "grpo-lr1e-4-s0.json"}
+
+    # 2. run again: the killed job is redone, earlier records are kept as they were
+    proc = compare(study)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    names = {p.stem for p in records.glob("*.json")} - {"study", "summary"}
+    grpo_lr = json.loads((records / "summary.json").read_text())["arms"]["grpo"]["lr"]
+    assert grpo_lr in (1e-4, 1e-3)
+    assert names == {*JOBS, f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s1"}
+    for name, text in before.items():
+        assert (records / name).read_text() == text, f"{name} was rewritten"
+    assert "stage1-mef-s0: training" not in out  # nothing that had a record ran again
+
+    rec = json.loads((records / "meml-lrdefault-s1.json").read_text())
+    assert (rec["arm"], rec["seed"], rec["lr"], rec["steps"], rec["test_questions"]) == ("meml", 1, None, 2, 4)
+    assert rec["config"]["model"]["name_or_path"].endswith("stage1-mef-s1")  # the seed moved stage 1 too
+    assert set(rec["eval"]) == {"validation", "test"} and len(rec["eval"]["test"]["scores"]["tutor"]) == 4
+    assert rec["train"]["rl_steps"] == 2 and rec["experts"] == ["tutor", "algebraist", "checker"]
+    assert not (tmp_path / "runs" / "meml-lrdefault-s1" / "checkpoints").exists()  # removed once evaluated
+
+    summary = json.loads((records / "summary.json").read_text())
+    comp = {(c["eval"], c["metric"]): c for c in summary["comparisons"]}
+    assert set(comp) == {("test", m) for m in ("shared", "any", "majority", "best_val")}
+    assert comp[("test", "shared")]["seeds"] == 2 and comp[("test", "shared")]["questions"] == 4
+    assert (records / "summary.md").exists() and (records / "plots" / "accuracy_test.png").exists()
+
+    # 3. nothing left to do, and --print says so
+    printed = subprocess.run([sys.executable, "-m", "meml.cli", "compare", str(study), "--print"], capture_output=True, text=True)
+    assert printed.returncode == 0 and "# job" not in printed.stdout
+
+    # 4. a changed setting is refused, naming the job and the setting
+    write_study(tmp_path, tiny_model_dir, steps=3)
+    proc = compare(study)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "stage1" not in out.split("config error")[-1].split(":")[0]
+    assert "grpo-lr1e-4-s0" in out and "train.steps: 2 -> 3" in out
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+def _record(job: str, arm: str, seed: int, lr, val: dict, test: dict) -> dict:
+    """A record with per-expert accuracies on 4 questions (val and test)."""
+
+    def entry(acc: dict) -> dict:
+        scores = {name: [1.0] * round(4 * a) + [0.0] * (4 - round(4 * a)) for name, a in acc.items()}
+        scores["majority"] = scores[next(iter(acc))]
+        return {"summary": {f"acc/{k}": v for k, v in acc.items()}, "question_ids": ["q0", "q1", "q2", "q3"], "scores": scores}
+
+    return {"job": job, "arm": arm, "seed": seed, "lr": lr, "experts": list(val), "eval": {"validation": entry(val), "test": entry(test)},
+            "train": {}, "wall_s": 1.0}
+
+
+def _spec() -> StudySpec:
+    spec = StudySpec(name="s", seeds=[0, 1], arms={"a": ArmSpec(preset="grpo", lrs=[1e-6, 1e-5]), "b": ArmSpec(preset="grpo")},
+                     evaluation={"validation": EvalSetSpec("validation", 4), "test": EvalSetSpec("test", 4)},
+                     comparisons=[["a", "b"]])
+    return spec
+
+
+def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise():
+    spec = _spec()
+    recs = {}
+    for lr, val, test in ((1e-6, 0.25, 1.0), (1e-5, 0.75, 0.0)):  # test favours 1e-6, validation 1e-5
+        job = rl_job(spec, "a", lr, 0, "grid").key
+        recs[job] = _record(job, "a", 0, lr, {"tutor": val}, {"tutor": test})
+    assert chosen_lr(spec, "a", recs) == 1e-5
+    lr, chosen = arm_records(spec, "a", recs)
+    assert lr == 1e-5 and [r["lr"] for r in chosen] == [1e-5]
+
+
+def test_no_lr_is_chosen_before_the_grid_is_complete():
+    spec = _spec()
+    job = rl_job(spec, "a", 1e-6, 0, "grid").key
+    assert chosen_lr(spec, "a", {job: _record(job, "a", 0, 1e-6, {"tutor": 0.5}, {"tutor": 0.5})}) is None
+    assert grid(spec, "b") == [None] and chosen_lr(spec, "b", {}) is None  # no grid: the preset's lr, nothing to choose
+
+
+def test_the_best_expert_is_chosen_on_validation_and_reported_on_test():
+    spec = _spec()
+    rec = _record("x", "a", 0, 1e-5, {"tutor": 0.25, "algebraist": 0.75}, {"tutor": 1.0, "algebraist": 0.25})
+    assert best_on_validation(spec, rec) == "algebraist"
+    recs = {rl_job(spec, "a", lr, 0, "grid").key: {**rec, "job": rl_job(spec, "a", lr, 0, "grid").key, "lr": lr} for lr in (1e-6, 1e-5)}
+    summary = summarize_study(spec, recs)
+    test = summary["arms"]["a"]["eval"]["test"]
+    assert test["best_val"]["per_seed"] == [0.25]  # the algebraist's test accuracy, not the tutor's 1.0
+    assert test["shared"]["per_seed"] == [1.0] and test["any"]["per_seed"] == [1.0]
+
+
+def test_study_file_errors_name_the_field(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\narms: {a: {preset: grpo, stage1: nope}}\nevaluation: {validation: {split: validation}}\n")
+    with pytest.raises(ConfigError, match="arms.a.stage1: 'nope' is not a stage1 recipe"):
+        load_study(bad)
+    bad.write_text("name: x\narmz: {}\n")
+    with pytest.raises(ConfigError, match="armz"):
+        load_study(bad)
+    bad.write_text("name: x\narms: {a: {preset: grpo}}\nevaluation: {validation: {split: validation}, test: {}}\nreport: [validation]\n")
+    with pytest.raises(ConfigError, match="selection split"):
+        load_study(bad)
