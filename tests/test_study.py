@@ -1,7 +1,7 @@
 """`meml compare` end to end on the tiny model, and its choices on hand-made records.
 
-The end-to-end study: two arms (one with a two-lr grid) from two stage-1 recipes, two
-seeds, validation and test sets. It is killed in the middle of a job, run again (it
+The end-to-end study: two arms (one with a two-lr grid, scored on validation until its lr
+is chosen) from two stage-1 recipes, two seeds, validation and test sets. It is killed in the middle of a job, run again (it
 finishes, leaving the records written before the kill untouched), and refuses to go on
 when a setting of a finished run changes.
 """
@@ -90,8 +90,16 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     grpo_lr = json.loads((records / "summary.json").read_text())["arms"]["grpo"]["lr"]
     assert grpo_lr in (1e-4, 1e-3)
     assert names == {*JOBS, f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s1"}
+    chosen = f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s0"
+    other = f"grpo-lr{'1e-3' if grpo_lr == 1e-4 else '1e-4'}-s0"
     for name, text in before.items():
-        assert (records / name).read_text() == text, f"{name} was rewritten"
+        old, new = json.loads(text), json.loads((records / name).read_text())
+        assert new["config"] == old["config"] and all(new["eval"][k] == v for k, v in old["eval"].items()), name
+        if name != f"{chosen}.json":
+            assert (records / name).read_text() == text, f"{name} was rewritten"
+    # the grid is scored on validation; only the chosen lr's run is then scored on test
+    assert set(json.loads((records / f"{other}.json").read_text())["eval"]) == {"validation"}
+    assert set(json.loads((records / f"{chosen}.json").read_text())["eval"]) == {"validation", "test"}
     assert "stage1-mef-s0: training" not in out  # nothing that had a record ran again
 
     rec = json.loads((records / "meml-lrdefault-s1.json").read_text())

@@ -8,8 +8,12 @@ on the first seeds):
      (`meml train PRESET model.name_or_path=<stage-1 model> sft.enabled=false optim.lr=LR`);
   3. each arm's lr is chosen on the selection split (metrics.choose_by_validation), and the
      other seeds run at that lr.
-Each run is then evaluated on every evaluation set (`meml eval RUN_DIR ...`), and its
-record `<records>/<job>.json` is written at once: the arm, seed, lr, the resolved config,
+Each run is then evaluated (`meml eval RUN_DIR ...`), and its record `<records>/<job>.json`
+is written at once. A grid run is evaluated on the selection split alone; once its arm's
+grid is complete and the lr chosen, the runs at that lr get the other evaluation sets
+(their records grow) and the others' checkpoints are removed: the reported sets are never
+computed for an lr that was not chosen. Other runs get every set. A record holds the arm,
+seed, lr, the resolved config,
 the commands, every eval summary, per-question scores per expert and of the majority
 vote, and training statistics from metrics.jsonl.
 
@@ -78,7 +82,9 @@ def stage1_job(spec: StudySpec, recipe: str, seed: int) -> Job:
     return job
 
 
-def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str) -> Job:
+def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str, chosen: bool = False) -> Job:
+    """A stage-2 run; in the grid phase it is evaluated on the selection split only, unless
+    its lr is the chosen one (`chosen`)."""
     a = spec.arms[arm]
     key = f"{arm}-lr{lr_tag(lr)}-s{seed}"
     run_dir = Path(spec.runs_dir) / key
@@ -89,6 +95,8 @@ def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str) -
                  *_fixed(seed, run_dir), "eval.after_mef=false", "checkpoint.keep_last=1"]
     job = Job(key, "rl", arm, seed, lr, a.preset, overrides, run_dir, start, phase)
     job.evals = eval_arguments(spec, run_dir)
+    if phase == "grid" and not chosen and len(grid(spec, arm)) > 1:
+        job.evals = {spec.selection.split: job.evals[spec.selection.split]}
     return job
 
 
@@ -203,8 +211,8 @@ def check_unchanged(job: Job, record: dict | None) -> None:
     planned = planned_config(job)
     if record is not None:
         changed = config_differences(record["config"], planned)
-        if record.get("evals") != job.evals:
-            changed.append("evaluation sets or their settings")
+        old_evals = record.get("evals", {})
+        changed += [f"evaluation set {name}" for name in job.evals if name in old_evals and old_evals[name] != job.evals[name]]
         if changed:
             raise ConfigError(f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])}). "
                               "Restore the study file, or delete that record (and its run directory) to run the job again.")
@@ -258,7 +266,8 @@ class Runner:
             self.ensure(job.start)
         check_unchanged(job, record)
         if record is not None:
-            return record
+            missing = [name for name in job.evals if name not in record["eval"]]
+            return self.add_evals(job, record, missing) if missing else record
         t0 = time.time()
         self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: {'training' if not (job.run_dir / 'results.json').exists() else 'evaluating'}")
         if not (job.run_dir / "results.json").exists():
@@ -270,13 +279,49 @@ class Runner:
         from meml.study.record import build_record
 
         record = build_record(self.spec, job, planned_config(job), self.command(job), wall_s=time.time() - t0)
-        write_json(self.spec.records / f"{job.key}.json", record)
-        record["_path"] = str(self.spec.records / f"{job.key}.json")
-        self.records[job.key] = record
-        if job.kind == "rl" and not self.spec.keep_checkpoints:
-            shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record holds what was measured
+        self.save(job, record)
         self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: done in {time.time() - t0:.0f} s -> {record['_path']}")
         return record
+
+    def add_evals(self, job: Job, record: dict, names: list[str]) -> dict:
+        """Evaluate a finished run on more sets (a grid run whose lr was chosen)."""
+        from meml.study.record import eval_entry
+
+        if not list((job.run_dir / "checkpoints").glob("*-0*")):
+            raise StudyError(f"{job.key}: its record lacks {names} and its checkpoints are gone; delete {record['_path']} to run it again")
+        t0 = time.time()
+        self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: evaluating on {', '.join(names)}")
+        for name in names:
+            self.run(self.eval_command(job, name), job.run_dir.parent / "logs" / f"{job.key}.eval-{name}.log")
+            record["eval"][name] = eval_entry(job.run_dir / f"eval-{name}", record["experts"])
+            record["evals"][name] = job.evals[name]
+        if "test" in names:
+            record["test_questions"] = len(record["eval"]["test"]["question_ids"])
+        record["wall_s"] += time.time() - t0
+        self.save(job, record)
+        return record
+
+    def save(self, job: Job, record: dict) -> None:
+        record.pop("_path", None)
+        path = self.spec.records / f"{job.key}.json"
+        write_json(path, record)
+        record["_path"] = str(path)
+        self.records[job.key] = record
+        if job.kind == "rl" and not self.spec.keep_checkpoints and set(record["eval"]) == set(self.spec.evaluation):
+            shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record holds what was measured
+
+    def settle_grid(self, arm: str) -> None:
+        """Once an arm's grid has records: the chosen lr's runs get every set, the others'
+        checkpoints go."""
+        spec = self.spec
+        lr = chosen_lr(spec, arm, self.records)
+        if lr is None or len(grid(spec, arm)) == 1:
+            return
+        for seed in spec.selection_seeds:
+            self.ensure(rl_job(spec, arm, lr, seed, "grid", chosen=True))
+            for other in grid(spec, arm):
+                if other != lr and not spec.keep_checkpoints:
+                    shutil.rmtree(rl_job(spec, arm, other, seed, "grid").run_dir / "checkpoints", ignore_errors=True)
 
     def run(self, argv: list[str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,9 +350,13 @@ class Runner:
         for job in all_stage1_jobs(spec):
             if job.seed in spec.selection_seeds and (not only or any(spec.arms[a].stage1 == job.arm for a in only if a in spec.arms) or job.arm in only):
                 self.ensure(job)
-        for job in grid_jobs(spec):
-            if wanted(job):
-                self.ensure(job)
+        for arm in spec.arms:
+            if only and arm not in only:
+                continue
+            for job in grid_jobs(spec):
+                if job.arm == arm:
+                    self.ensure(job)
+            self.settle_grid(arm)
         jobs, waiting = seed_jobs(spec, self.records)
         for arm in waiting:
             if wanted(Job("", "rl", arm, 0, None, "", [], Path())):
@@ -340,6 +389,15 @@ def plan_lines(spec: StudySpec, launcher: list[str] | None = None) -> list[str]:
 
     for job in [*all_stage1_jobs(spec), *grid_jobs(spec)]:
         emit(job)
+    for arm in spec.arms:
+        lr = chosen_lr(spec, arm, done)
+        if lr is not None and len(grid(spec, arm)) > 1:
+            for seed in spec.selection_seeds:
+                job = rl_job(spec, arm, lr, seed, "grid", chosen=True)
+                rec = done.get(job.key)
+                if rec is not None and set(job.evals) - set(rec["eval"]):
+                    lines.append(f"# job {job.key}: the other evaluation sets, now that its lr is chosen")
+                    lines.extend(shlex.join(runner.eval_command(job, n)) for n in job.evals if n not in rec["eval"])
     jobs, waiting = seed_jobs(spec, done)
     for job in jobs:
         emit(job)

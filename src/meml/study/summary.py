@@ -72,8 +72,8 @@ def arm_records(spec: StudySpec, arm: str, records: dict) -> tuple[float | None,
 
 def paired_arrays(spec: StudySpec, a: list[dict], b: list[dict], eval_set: str, metric: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(seeds, questions) score arrays of two arms on their common seeds and questions."""
-    by_seed_a = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in a}
-    by_seed_b = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in b}
+    by_seed_a = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in a if eval_set in r["eval"]}
+    by_seed_b = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in b if eval_set in r["eval"]}
     seeds = [s for s in spec.seeds if s in by_seed_a and s in by_seed_b]
     if not seeds:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
