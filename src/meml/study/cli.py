@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -86,8 +87,14 @@ def _run(ns) -> int:
                 raise ConfigError(f"another `meml compare` is running this study ({spec.runs_dir}/.lock)") from None
             spec.records.mkdir(parents=True, exist_ok=True)
             (spec.records / "study.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
+            # A scheduler stops jobs with SIGTERM: treat it as Ctrl-C, so the running job is
+            # asked to stop too (it saves a checkpoint) instead of being orphaned.
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             try:
                 Runner(spec).run_all(only or None)
+            except KeyboardInterrupt:
+                print("stopped; run the same command again to continue", file=sys.stderr)
+                return 130
             except StudyError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
@@ -96,6 +103,10 @@ def _run(ns) -> int:
         return 0
     write_summary(spec)
     return 0
+
+
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_summary(spec) -> Path:
