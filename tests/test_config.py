@@ -83,3 +83,45 @@ def test_config_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch)
 
     assert main(["train", "train.stepz=2", f"output_dir={tmp_path}"]) == 2
     assert "Did you mean: 'steps'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.eps=0"], "optim.eps=0.0 must be > 0"),
+    (["optim.beta1=1.0"], r"optim.beta1=1.0 must be in \[0, 1\)"),
+    (["optim.beta2=-0.5"], r"optim.beta2=-0.5 must be in \[0, 1\)"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0"),
+    (["model.lora.enabled=true", "model.lora.dropout=1.0"], r"model.lora.dropout=1.0 must be in \[0, 1\)"),
+    (["model.lora.enabled=true", "model.lora.target_modules=[]"], r"model.lora.target_modules=\[\] must be a non-empty list of module names"),
+    (["model.lora.enabled=true", "model.lora.target_modules=['q_proj', ' ']"], "must be a non-empty list of module names"),
+    (["reward.timeout_s=0"], "reward.timeout_s=0.0 must be > 0"),
+    (["task.max_train_examples=0"], "task.max_train_examples=0 must be >= 1, or null for no limit"),
+    (["task.max_eval_examples=-2"], "task.max_eval_examples=-2 must be >= 1, or null for no limit"),
+    (["rollout.temperature=0"], r"rollout.temperature=0 decodes greedily.*G=rollout.num_generations_per_expert=4.*"
+                                r"every group would have zero reward variance and give no learning signal"),
+])
+def test_settings_that_cannot_work_are_rejected_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_what_those_checks_still_allow():
+    load_config(None, ["task.max_train_examples=null", "task.max_eval_examples=1", "optim.beta2=0.999"])
+    load_config(None, ["rollout.temperature=0", "train.steps=0"])  # greedy is fine when nothing is trained
+    load_config(None, ["rollout.temperature=0", "rollout.num_generations_per_expert=2", "algo.hsft.max_wrong=1",
+                       "algo.advantage_grouping=question"])  # the experts' answers differ within a question's group
+    load_config(None, ["model.lora.target_modules=[]"])  # LoRA off: not used
+
+
+def test_a_setting_that_cannot_work_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import meml.model
+
+    def boom(*a, **k):
+        raise AssertionError("model loading must not start")
+
+    monkeypatch.setattr(meml.model, "load_policy", boom)
+    monkeypatch.setattr(meml.model, "load_tokenizer", boom)
+    from meml.cli import main
+
+    assert main(["train", "optim.beta2=1.5", f"output_dir={tmp_path}"]) == 2
+    assert "config error: optim.beta2=1.5 must be in [0, 1)" in capsys.readouterr().err

@@ -308,6 +308,19 @@ def _preset_path(preset: str) -> Path:
     raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(list_presets())}")
 
 
+def _read_preset(path: Path) -> Any:
+    """A preset file's YAML; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
@@ -353,7 +366,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = OmegaConf.structured(Config)
     for name in (preset.split("+") if preset else []):
         path = _preset_path(name)
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_preset(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a preset must be a mapping of overrides")
         for key, value in _flatten(data):

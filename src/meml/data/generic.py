@@ -35,6 +35,7 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from meml import hub
 from meml.config import TaskConfig
 from meml.data.base import NUMERIC_FORMAT, DataError, Task, register_task
 from meml.rewards import verifiers
@@ -55,33 +56,75 @@ Row = tuple[str, int, object]  # (where, row index, the row's dict or the DataEr
 # ----------------------------------------------------------------------------- reading rows
 
 
+# Python's csv module refuses fields over 128 KiB by default; a long worked solution or
+# a long context column is legitimate data, so the limit is raised (to 2 GiB - 1, which
+# fits a C long everywhere).
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def read_rows(path: Path, fmt: str | None = None) -> Iterator[Row]:
-    """Every row of a local file; a row that cannot be read at all comes as a DataError."""
+    """Every row of a local file; a row that cannot be read at all comes as a DataError.
+
+    A file that cannot be read as a whole (bytes that are not UTF-8 in JSON or CSV, a
+    damaged parquet file) raises a DataError naming the file and, where known, the line."""
     fmt = fmt or SUFFIXES.get(path.suffix.lower())
     if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, lineno - 1, DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})")
+                    continue
                 if line.strip():
-                    yield f"{path}:{lineno}", lineno - 1, _json_line(line, f"{path}:{lineno}")
+                    yield where, lineno - 1, _json_line(line, where)
     elif fmt == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
         yield from ((f"{path} row {i}", i, row) for i, row in enumerate(data))
     elif fmt == "csv":
+        if csv.field_size_limit() < CSV_FIELD_LIMIT:
+            csv.field_size_limit(CSV_FIELD_LIMIT)
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            for i, row in enumerate(reader):
-                yield f"{path}:{reader.line_num}", i, row
+            try:
+                for i, row in enumerate(reader):
+                    yield f"{path}:{reader.line_num}", i, row
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
+            except csv.Error as exc:
+                raise DataError(f"{path}:{reader.line_num + 1}: not readable as CSV ({exc})") from None
     elif fmt == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        yield from ((f"{path} row {i}", i, row) for i, row in enumerate(pq.read_table(path).to_pylist()))
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({exc}); it may be truncated or damaged") from None
+        yield from ((f"{path} row {i}", i, row) for i, row in enumerate(table.to_pylist()))
     else:
         raise DataError(f"{path}: unknown file format '{fmt}'; use task.options.format=jsonl|json|csv|parquet")
+
+
+def _not_utf8(path: Path) -> DataError:
+    """A DataError naming the first line of `path` that is not UTF-8 (read again in binary:
+    a text reader's error position is relative to its buffer, not to the file)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _json_line(line: str, where: str) -> object:
@@ -95,7 +138,12 @@ def hub_rows(source: str, split: str, config: str | None = None) -> Iterator[Row
     """Rows of a hub dataset split, through `datasets` (downloads on first use)."""
     from datasets import load_dataset
 
-    rows = load_dataset(source, config, split=split)
+    try:
+        rows = load_dataset(source, config, split=split)
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # includes datasets' ConnectionError, DatasetNotFoundError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"task.path='{source}': could not load split '{split}' from the Hugging Face hub "
+                        f"({type(exc).__name__}: {first})") from None
     yield from ((f"{source}[{split}] row {i}", i, dict(row)) for i, row in enumerate(rows))
 
 
@@ -106,7 +154,8 @@ def open_split(source: str, split: str, names: dict[str, tuple[str, ...]] | None
 
     `names` maps a split to the file stems to try in a directory, in order (so MathQA's
     "train" can fall back to dev.json, and its ids stay "mathqa-dev-<row>");
-    `hub_splits` renames splits for the hub."""
+    `hub_splits` renames splits for the hub. A name that reads as a local path
+    (`meml.hub.looks_like_local_path`) is never looked up on the hub."""
     path = Path(source.replace("{split}", split)).expanduser()
     if path.is_dir():
         stems = (names or {}).get(split, (split,))
@@ -119,8 +168,16 @@ def open_split(source: str, split: str, names: dict[str, tuple[str, ...]] | None
         raise DataError(f"task.path: no file for split '{split}' in {path} (looked for {', '.join(s + '.*' for s in stems)})")
     if path.exists():
         return read_rows(path, fmt), str(path), split
-    if source.startswith((".", "/", "~")) or path.suffix.lower() in SUFFIXES:
-        raise DataError(f"task.path: {path} does not exist")
+    if hub.looks_like_local_path(source) or path.suffix.lower() in SUFFIXES:
+        raise DataError(f"task.path: {path} does not exist (it reads as a local path, so it is not looked up "
+                        "on the Hugging Face hub)")
+    # Offline, `datasets` reads its cache or fails at once by itself; online with the hub out
+    # of reach it would retry for half a minute, so that is caught here.
+    reason = None if hub.offline() else hub.unreachable_reason()
+    if reason:
+        raise DataError(f"task.path='{source}' is not a local path, and the Hugging Face hub ({hub.endpoint()}) "
+                        f"cannot be reached ({reason}): check the network, give a local path, or set "
+                        "HF_HUB_OFFLINE=1 to use a copy in the datasets cache")
     hub_split = (hub_splits or {}).get(split, split)
     return hub_rows(source, hub_split, hub_config), f"{source}[{hub_split}]", split
 

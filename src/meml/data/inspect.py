@@ -99,9 +99,15 @@ def guess_task(path: Path) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
+def unparsed_gold(task: Task, examples: list[Example]) -> list[str]:
+    """Ids of the examples whose gold answer the task's verifier cannot read: it abstains on
+    "The answer is <gold>.", so it would abstain on every answer to that question too."""
+    return [e.id for e in examples if task.verify(f"The answer is {e.answer}.", e, True).score is None]
+
+
 def split_report(task: Task, examples: list[Example]) -> dict:
     """Row count, gold parse rate and rationale self-verification of one split."""
-    unparsed = [e.id for e in examples if task.verify(f"The answer is {e.answer}.", e, True).score is None]
+    unparsed = unparsed_gold(task, examples)
     rationales = {}
     for style in task.styles:
         scores = {e.id: task.verify(e.rationales[style], e, True).score for e in examples if e.rationales.get(style)}
