@@ -30,6 +30,7 @@ from meml.riel import rl_step
 from meml.session import (
     Session,
     attach_model,
+    check_resume_model,
     global_sum,
     make_optimizer,
     open_session,
@@ -73,6 +74,7 @@ def train(cfg: Config, preset: str | None = None) -> dict:
     """
     s = open_session(cfg, preset, load_model=False)  # config, data and rewards checked first
     resume = find_resume_checkpoint(cfg, s.run_dir)
+    check_resume_model(cfg, resume)  # a LoRA checkpoint needs model.lora.enabled=true, a full one false
     ckpt.check_writable(s.run_dir)  # before the model loads: an unwritable output_dir costs nothing
     manifest = ckpt.read_manifest(resume) if resume else None
     attach_model(s, source=str(resume / "model") if resume and not cfg.model.lora.enabled else None)
