@@ -51,3 +51,18 @@ def numpy_scalars(prompts, completions, **columns):
     import numpy as np
 
     return [np.float32(0.5), np.int64(1), True][: len(completions)]
+
+
+def calls_sys_exit(prompts, completions, **columns):
+    """Ends "the program" on every call: inside a reward function that is only a failure."""
+    import sys
+
+    sys.exit(0)
+
+
+def raises_keyboard_interrupt(prompts, completions, **columns):
+    raise KeyboardInterrupt
+
+
+def raises_generator_exit(prompts, completions, **columns):
+    raise GeneratorExit("closed")

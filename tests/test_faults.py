@@ -51,6 +51,40 @@ def test_a_raising_reward_function_gives_none_only_where_it_fails(caplog):
     assert "raises_on_odd gave None on 2 of 4 completions (RuntimeError: odd completion); examples: q1, q3" in caplog.text
 
 
+@pytest.mark.parametrize(("fn", "shown"), [
+    (reward_fns.calls_sys_exit, "SystemExit(0)"),
+    (reward_fns.raises_keyboard_interrupt, "KeyboardInterrupt()"),
+    (reward_fns.raises_generator_exit, "GeneratorExit('closed')"),
+])
+def test_a_reward_function_that_exits_or_interrupts_only_fails(fn, shown, caplog):
+    """SystemExit, KeyboardInterrupt and other BaseExceptions from the function's thread are
+    that function's failures: counted and logged with the ids, never re-raised as an exit
+    or a Ctrl-C of the run."""
+    with caplog.at_level(logging.WARNING):
+        values, stats = _call(fn)
+    assert values == [None] * 4 and (stats.failures, stats.failed_ids) == (4, IDS)
+    assert f"{fn.__name__} gave None on 4 of 4 completions ({shown} raised inside the function" in caplog.text
+    assert "examples: q1, q2, q3, q4" in caplog.text
+
+
+def test_training_goes_on_through_reward_functions_that_exit_or_interrupt(tiny_model_dir, tmp_path):
+    """A real `meml train` process: before, the sys.exit(0) ended it with exit code 0, no
+    message and no results."""
+    extra = {"sft.enabled": "false", "reward.use_verifier": "false",
+             "reward.functions": "[reward_fns:length_parity, reward_fns:calls_sys_exit, reward_fns:raises_keyboard_interrupt]"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "meml.cli", "train", *tiny_overrides(tiny_model_dir, tmp_path, **extra)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text()) == {}  # written: the run reached its end (no evals asked)
+    rl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl] == [1, 2]
+    assert all(r["reward_failures"] == 2 * 3 * 2 * 2 for r in rl)  # 2 functions x 2 questions x 3 experts x 2 answers
+    assert "calls_sys_exit gave None on 12 of 12 completions (SystemExit(0) raised inside the function" in done.stderr
+    assert "raises_keyboard_interrupt gave None on 12 of 12 completions (KeyboardInterrupt()" in done.stderr
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["rl-000002"]
+
+
 def test_a_hanging_reward_function_times_out_per_completion_and_promptly(caplog):
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):

@@ -5,7 +5,8 @@ HSFT buffer, counters, and every logged metric except wall-clock timings.
 The killed runs are real `meml train` processes. A small driver (DRIVER below) stands in
 for the `meml` script and adds test-only hooks chosen by environment variables, so a kill
 lands at a known point: after a given metrics record is written, inside a checkpoint
-write, or at the start of an RL step (to wait for SIGTERM). The test process sends the
+write, inside an RL step (in the rollout engine's generate, or in the optimizer's step
+once it has changed the weights), or at the start of an RL step (to wait for SIGTERM). The test process sends the
 signals itself where a real scheduler would.
 """
 
@@ -55,6 +56,29 @@ if os.environ.get("MEML_TEST_KILL_IN_SAVE"):  # "rl-000003": SIGKILL itself once
         if Path(f).parent.name.startswith(f".tmp-{name}-"):
             os.kill(os.getpid(), signal.SIGKILL)
     torch.save = save
+
+if os.environ.get("MEML_TEST_KILL_IN"):  # "generate:3" / "optimizer:3": SIGKILL itself there, inside RL step 3
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    import meml.trainer as trainer
+    from meml.rollout import HFEngine
+    where, at = os.environ["MEML_TEST_KILL_IN"].split(":")
+    now, real_step, real_generate = {"step": 0}, trainer.rl_step, HFEngine.generate
+    def rl_step(s, step, *args):
+        now["step"] = step
+        try:
+            return real_step(s, step, *args)
+        finally:
+            now["step"] = 0
+    def generate(self, *args, **kwargs):
+        out = real_generate(self, *args, **kwargs)
+        if where == "generate" and now["step"] == int(at):  # the rollouts exist, only in memory
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    def stepped(optimizer, args, kwargs):
+        if where == "optimizer" and now["step"] == int(at):  # the weights have moved, only in memory
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer.rl_step, HFEngine.generate = rl_step, generate
+    register_optimizer_step_post_hook(stepped)
 
 if os.environ.get("MEML_TEST_WAIT_SIGNAL_AT"):  # "3": at the start of RL step 3, wait for SIGTERM (and, with HOLD, a second)
     import meml.trainer as trainer
@@ -225,6 +249,36 @@ def test_kill9_inside_mef_and_inside_rl_then_resume_matches_a_straight_run(strai
     assert len((out / "command.txt").read_text().splitlines()) == 3
 
 
+def test_kills_before_the_first_checkpoint_and_inside_generation_and_the_optimizer_step_then_resume_matches(
+        straight_run, tiny_model_dir, tmp_path):
+    """Killed after stage-1 step 1 was logged but before any checkpoint: --resume starts the
+    run again from scratch, its logs cleared; killed again inside the rollout engine's
+    generate in RL step 2 (newest checkpoint: rl-000001), resumed, killed inside the
+    optimizer step of RL step 5 after it changed the weights (newest: rl-000004), resumed
+    to the end."""
+    out = tmp_path / "run"
+    kill9_at(tiny_model_dir, out, "sft:1")
+    assert ckpt.list_checkpoints(out) == [] and (out / "eval" / "before.jsonl").exists()
+    assert [(r["stage"], r.get("tag"), r["step"]) for r in records(out)] == [("eval", "before", 0), ("sft", None, 1)]
+
+    rc, text = finish(start(tiny_model_dir, out, "--resume", kill_in="generate:2"))
+    assert rc == -signal.SIGKILL, text[-3000:]
+    assert "no checkpoint yet, so the run starts again from scratch: removing" in text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["sft-000004", "rl-000001"]
+    assert [(r["stage"], r.get("tag"), r["step"]) for r in records(out)][:2] == [("eval", "before", 0), ("sft", None, 1)]
+    assert (records(out)[-1]["stage"], records(out)[-1]["step"]) == ("rl", 1)
+    assert len((out / "command.txt").read_text().splitlines()) == 1  # the first start's line went with its logs
+
+    rc, text = finish(start(tiny_model_dir, out, "--resume", kill_in="optimizer:5"))
+    assert rc == -signal.SIGKILL and "rl-000001 (rl step 1)" in text, text[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["rl-000003", "rl-000004"]
+    text = resume(tiny_model_dir, out)
+    assert "rl-000004 (rl step 4)" in text
+    assert_same_metrics(out, straight_run)
+    assert_same_state(out, straight_run)
+    assert len((out / "command.txt").read_text().splitlines()) == 3
+
+
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(straight_run, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     rc, _ = finish(start(tiny_model_dir, out, kill_in_save="rl-000003"))
@@ -305,8 +359,10 @@ def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir
     """LoRA (the checkpoint holds only the adapter; resume loads the base, then it), the KL
     reference (the policy when RL started, after MEF: it must come back from the
     checkpoint, since the resumed policy has moved on) and PPO mini-batches. The engine's
-    bf16 copy after the resume equals the uninterrupted run's at the same step."""
+    bf16 copy after the resume equals the uninterrupted run's at the same step. LoRA
+    dropout draws from the torch RNG in every update, so the RNG state must come back too."""
     extra = {**SETTINGS, "train.steps": 3, "sft.batch_size": 12, "checkpoint.every_steps": 0, "model.lora.enabled": "true", "model.lora.r": 4,
+             "model.lora.dropout": 0.3,
              "algo.kl_coef": 0.5, "algo.loss": "ppo_clip", "algo.mini_batches": 2, "eval.before": "false", "eval.every_steps": 0, "eval.after": "false", "log.samples_every": 0}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     engine_straight, engine_resumed = {}, {}

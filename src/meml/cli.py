@@ -8,6 +8,7 @@ Examples:
     meml train                               the embedded default (SmolLM2-135M, arithmetic, CPU)
     meml train grpo train.steps=20 optim.lr=1e-6
     meml train --resume output_dir=runs/x     continue run x from its newest valid checkpoint
+    meml train --overwrite output_dir=runs/x  start afresh in runs/x, removing the earlier run's files
 
 Each further subcommand lives in its own module, which exposes `add_parser(subparsers)`
 registering a parser whose `func` default handles it (heavy imports stay inside `func`).
@@ -50,11 +51,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    """Exit codes: 0 done; 1 a checkpoint could not be written or too many non-finite updates
-    (the last checkpoint stands); 2 bad config, data or model; 128 + signal after SIGTERM/SIGINT
-    (143/130: stopped cleanly with a checkpoint, or at once after a second signal)."""
+    """Exit codes: 0 done; 1 a checkpoint could not be written, too many non-finite updates
+    (the last checkpoint stands), or a step failed with an unexpected error (the state before
+    it is saved where it is intact); 2 bad config, data or model, or an output_dir holding an
+    earlier run; 128 + signal after SIGTERM/SIGINT (143/130: stopped cleanly with a
+    checkpoint, or at once after a second signal)."""
     from meml.checkpoint import CheckpointError
-    from meml.trainer import train
+    from meml.trainer import StepFailed, train
     from meml.update import NonFiniteError
 
     preset, overrides = split_args(ns.args)
@@ -64,8 +67,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         overrides.append("checkpoint.resume=auto")
     cfg = load_config(preset, overrides)
     try:
-        results = train(cfg, preset)
-    except (CheckpointError, NonFiniteError) as exc:
+        results = train(cfg, preset, overwrite=ns.overwrite)
+    except (CheckpointError, NonFiniteError, StepFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
@@ -89,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("train", "stage 1 (MEF) then stage 2 (RL), as configured"), ("sft", "stage 1 only: multi-expert SFT")):
         p = sub.add_parser(name, help=text, epilog=f"presets: {presets}")
         p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
-        p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of output_dir (checkpoint.resume=auto)")
+        start = p.add_mutually_exclusive_group()
+        start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of output_dir (checkpoint.resume=auto)")
+        start.add_argument("--overwrite", action="store_true",
+                           help="start afresh in an output_dir that holds an earlier run: its checkpoints, logs and results are deleted first")
         p.set_defaults(func=cmd_train)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)

@@ -5,15 +5,19 @@
 `train` validates and loads everything (data before the model), evaluates, runs the
 configured stages and evaluates again. `run_stage` is the loop both stages share:
 step, log, periodic eval, checkpoint, and a clean stop on SIGTERM/SIGINT or after too
-many non-finite updates. One RL step is `meml.riel.rl_step`; one MEF step is below.
+many non-finite updates. A step that fails with an unexpected error stops the run with
+`StepFailed`, after saving the state of the step before it where that state is intact.
+One RL step is `meml.riel.rl_step`; one MEF step is below.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,6 +57,14 @@ class StopRequested(RuntimeError):
         self.stage, self.step = stage, step
 
 
+class StepFailed(RuntimeError):
+    """A step raised an unexpected error; the message says where, what was saved and how to go on."""
+
+    def __init__(self, message: str, stage: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
+
+
 class Interrupted(KeyboardInterrupt):
     """A second SIGTERM/SIGINT: stop at once, without saving (the last checkpoint stands)."""
 
@@ -64,16 +76,19 @@ class Interrupted(KeyboardInterrupt):
 # ----------------------------------------------------------------------------- entry point
 
 
-def train(cfg: Config, preset: str | None = None) -> dict:
+def train(cfg: Config, preset: str | None = None, overwrite: bool = False) -> dict:
     """Run the configured stages; returns held-out accuracy before, after stage 1, and after.
 
     With checkpoint.resume=auto (`meml train --resume`) it continues from the newest valid
     checkpoint of output_dir and replays exactly what an uninterrupted run would have done.
+    A fresh run refuses an output_dir holding an earlier run's files unless `overwrite`
+    (`meml train --overwrite`), which removes them first.
     After SIGTERM/SIGINT the step finishes, a checkpoint is saved, and the result holds
     "stopped": {"stage", "step", "signal"} (`meml train` then exits with 128 + signal).
+    A step that fails raises `StepFailed` (`meml train` exits with 1).
     """
     s = open_session(cfg, preset, load_model=False)  # config, data and rewards checked first
-    resume = find_resume_checkpoint(cfg, s.run_dir)
+    resume = find_resume_checkpoint(cfg, s.run_dir, overwrite)
     check_resume_model(cfg, resume)  # a LoRA checkpoint needs model.lora.enabled=true, a full one false
     ckpt.check_writable(s.run_dir)  # before the model loads: an unwritable output_dir costs nothing
     manifest = ckpt.read_manifest(resume) if resume else None
@@ -113,18 +128,66 @@ def train(cfg: Config, preset: str | None = None) -> dict:
     return results
 
 
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+# What a run (`meml train`/`sft`) or an evaluation (`meml eval`) writes into its directory;
+# only these, and checkpoint directories, are ever removed by --overwrite or a restart.
+RUN_FILES = ("config.yaml", "command.txt", "metrics.jsonl", "samples.jsonl", "results.json", "eval", "tensorboard", "wandb")
+EVAL_FILES = ("records.jsonl", "summary.json", "eval_settings.json")
+
+
+def earlier_run_files(run_dir: Path) -> list[Path]:
+    """The files an earlier run or evaluation left in run_dir (an empty checkpoints/ is none)."""
+    found = [run_dir / name for name in (*RUN_FILES, *EVAL_FILES) if (run_dir / name).exists()]
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        found += sorted(p for p in root.iterdir() if ckpt.NAME.match(p.name) or p.name.startswith((".tmp-", ".old-")))
+    return found
+
+
+def remove_run_files(run_dir: Path, why: str) -> None:
+    """Delete what `earlier_run_files` lists, saying so; anything else in run_dir stays."""
+    found = earlier_run_files(run_dir)
+    if not found:
+        return
+    log.warning("%s: removing %s from %s", why, ", ".join(str(p.relative_to(run_dir)) for p in found), run_dir)
+    for path in found:  # every process may do this at once: a path already gone is fine
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _names(paths: list[Path], run_dir: Path) -> str:
+    names = [str(p.relative_to(run_dir)) for p in paths]
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path, overwrite: bool = False) -> Path | None:
     """The checkpoint to resume from (None: start fresh), validated; strays are cleaned.
 
-    A fresh run refuses an output_dir that already holds checkpoints: its saves would
-    prune them and its metrics would mix with theirs.
+    A fresh run refuses an output_dir that already holds an earlier run's files
+    (checkpoints, logs, results, eval records): its saves would prune the checkpoints, its
+    logs would mix with theirs and its results overwrite them. `overwrite` removes those
+    files first. Resuming (auto) where the earlier start left files but no checkpoint
+    removes them too: that start is redone from scratch.
     """
     existing = ckpt.list_checkpoints(run_dir)
+    if overwrite:
+        if cfg.checkpoint.resume != "none":
+            raise ConfigError("--overwrite starts a run afresh; it cannot be combined with --resume (checkpoint.resume)")
+        if not cfg.output_dir:
+            raise ConfigError("--overwrite needs output_dir=<the run directory to replace>")
+        remove_run_files(run_dir, "--overwrite")
+        return None
     if cfg.checkpoint.resume == "none":
         if existing:
             raise ConfigError(
                 f"output_dir {run_dir} already holds checkpoints (newest {existing[-1].name}); continue that run with "
-                "--resume (checkpoint.resume=auto), or choose a new output_dir"
+                "--resume (checkpoint.resume=auto), replace it with --overwrite, or choose a new output_dir"
+            )
+        if earlier := earlier_run_files(run_dir):
+            raise ConfigError(
+                f"output_dir {run_dir} already holds files of an earlier run ({_names(earlier, run_dir)}); continue that run "
+                "with --resume (checkpoint.resume=auto), replace it with --overwrite, or choose a new output_dir"
             )
         return None
     if cfg.checkpoint.resume == "auto":
@@ -135,15 +198,23 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         if found is None:
             if existing:
                 raise ConfigError(f"checkpoint.resume=auto: no valid checkpoint in {run_dir / 'checkpoints'} (reasons above)")
-            log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+            evals = [run_dir / n for n in EVAL_FILES if (run_dir / n).exists()]
+            if evals:
+                raise ConfigError(f"output_dir {run_dir} holds the output of `meml eval` ({_names(evals, run_dir)}), not a run to "
+                                  "resume; choose another output_dir, or replace it with --overwrite")
+            if earlier_run_files(run_dir):  # a start killed before its first checkpoint: redo it, logs and all
+                remove_run_files(run_dir, "checkpoint.resume=auto: no checkpoint yet, so the run starts again from scratch")
+            else:
+                log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
             return None
     else:
         found = Path(cfg.checkpoint.resume)
         reason = ckpt.validate_checkpoint(found)
         if reason:
             raise ConfigError(f"checkpoint.resume={found}: not a valid checkpoint ({reason})")
-        if existing and found.parent != run_dir / "checkpoints":
-            raise ConfigError(f"output_dir {run_dir} already holds checkpoints of another run; choose a new output_dir")
+        if found.parent != run_dir / "checkpoints" and (earlier := earlier_run_files(run_dir)):
+            raise ConfigError(f"output_dir {run_dir} already holds files of another run ({_names(earlier, run_dir)}); "
+                              "choose a new output_dir")
         ckpt.clean_strays(run_dir)
     manifest = ckpt.read_manifest(found)
     log.info("resuming from %s (%s step %d)", found, manifest["stage"], manifest["step"])
@@ -293,8 +364,9 @@ def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, opti
     if s.is_main:
         _truncate_samples(s.run_dir / "samples.jsonl", start_step if stage == "rl" else 0)
     bar = tqdm(range(start_step + 1, total + 1), desc=f"{stage}", disable=not (cfg.log.progress and s.is_main), initial=start_step, total=total)
+    guard = StepGuard(optimizer)
     for step in bar:
-        record = {"stage": stage, "step": step, **step_fn(step)}
+        record = {"stage": stage, "step": step, **run_step(s, stage, step, step_fn, guard, optimizer, scheduler, reference)}
         if s.is_main:
             s.logger.log(record)
             bar.set_postfix_str(console_line(record).split(" | ", 1)[-1])
@@ -314,6 +386,100 @@ def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, opti
             )
         if stop:
             raise StopRequested(stage, step)
+    guard.close()
+
+
+class StepGuard:
+    """What a failed step needs to save the state at the end of the step before it.
+
+    A step changes the weights, the optimizer and the scheduler only once the optimizer
+    steps; before that it changes only the RNG states, the HSFT buffer and the counters,
+    which `begin` copies at the start of each step (kilobytes). So a step that fails before
+    its update can be rewound exactly to where the previous step ended; one that fails in
+    or after its update cannot, since the previous weights and moments are gone.
+    """
+
+    def __init__(self, optimizer):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer inside it
+        register = getattr(inner, "register_step_pre_hook", None)
+        self._handle = register(self._updating) if register is not None else None
+        self.updated: bool | None = None  # None: cannot tell (no hook), so never rewound
+        self._state: dict = {}
+
+    def _updating(self, *_args) -> None:
+        self.updated = True
+
+    def begin(self, s: Session) -> None:
+        if self._handle is not None:
+            self.updated = False
+        self._state = {"rng": rng_state(), "buffer": s.buffer.state_dict(), "counters": dict(s.counters)}
+
+    def rewind(self, s: Session) -> None:
+        s.buffer.load_state_dict(self._state["buffer"])
+        s.counters.clear()
+        s.counters.update(self._state["counters"])
+        set_rng_state(self._state["rng"])
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def run_step(s: Session, stage: str, step: int, step_fn, guard: StepGuard, optimizer, scheduler, reference) -> dict:
+    """step_fn(step); an unexpected error in it becomes `StepFailed` (KeyboardInterrupt and
+    the signals' `Interrupted` pass through untouched)."""
+    guard.begin(s)
+    try:
+        return step_fn(step)
+    except Exception as exc:  # noqa: BLE001 - a bug, a model error...: say where, keep what can be kept
+        raise step_failed(s, stage, step, exc, guard, optimizer, scheduler, reference) from exc
+
+
+def step_failed(s: Session, stage: str, step: int, exc: Exception, guard: StepGuard, optimizer, scheduler, reference) -> StepFailed:
+    """Log the traceback, save the previous step's state if it is intact, and say how to go on."""
+    log.error("%s step %d failed:", stage, step, exc_info=exc)
+    previous, saved = step - 1, None
+    path = s.run_dir / "checkpoints" / ckpt.checkpoint_name(stage, max(previous, 0))
+    if previous == 0:
+        note = f"No {stage} step of this start had finished, so there was nothing new to save"
+    elif ckpt.validate_checkpoint(path, deep=False) is None:
+        saved, note = path, f"The state at the end of {stage} step {previous} is in {path}"
+    elif s.accelerator.num_processes > 1:
+        note = f"No checkpoint was saved: with {s.accelerator.num_processes} processes a save needs all of them"
+    elif guard.updated is not False:
+        note = (f"No checkpoint was saved: the failure came {'in or after the optimizer update' if guard.updated else 'at a point where it cannot be told whether the weights had changed'} "
+                f"of step {step}, so the state at the end of step {previous} is no longer whole")
+    else:
+        guard.rewind(s)  # weights, optimizer and scheduler are untouched: only these had moved
+        try:
+            save(s, stage, previous, optimizer, scheduler, reference)
+            saved, note = path, f"Saved the state at the end of {stage} step {previous} (before the failed step) in {path}"
+        except Exception as save_exc:  # noqa: BLE001 - the original failure is what matters
+            log.error("could not save a checkpoint after the failure: %s", save_exc)
+            note = f"A checkpoint of {stage} step {previous} could not be written ({save_exc})"
+    existing = ckpt.list_checkpoints(s.run_dir)
+    if saved is not None or existing:
+        how = (f"Fix the cause, then continue from {(saved or existing[-1]).name} with: meml train --resume output_dir={s.run_dir} "
+               "(and the same settings)")
+    else:
+        how = f"There is no checkpoint: fix the cause, then start again (meml train --resume output_dir={s.run_dir} starts afresh)"
+    return StepFailed(f"{stage} step {step} failed{_where(exc)}: {type(exc).__name__}: {exc}. {note}. {how}", stage, step, saved)
+
+
+def _where(exc: BaseException) -> str:
+    """' at riel.py:85 in roll_out (innermost: .../module.py:1751 in forward)': the last frame
+    of this package in the traceback, and the frame that raised when it is elsewhere."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = Path(__file__).resolve().parent
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(package)]
+    parts = []
+    if ours:
+        parts.append(f" at {Path(ours[-1].filename).resolve().relative_to(package)}:{ours[-1].lineno} in {ours[-1].name}")
+    if frames and (not ours or frames[-1] is not ours[-1]):
+        last = frames[-1]
+        parts.append(f" ({'innermost: ' if ours else 'at '}{last.filename}:{last.lineno} in {last.name})")
+    return "".join(parts)
 
 
 def _truncate_samples(path: Path, last_step: int) -> None:

@@ -11,6 +11,9 @@ batch is retried one completion at a time (the retries run concurrently, each wi
 own timeout_s, so a step waits at most about 2 x timeout_s per function), and only the
 completions that really fail get None. Failures are counted (RewardStats, the
 `reward_failures` metric) and logged with the example ids, and training goes on.
+"Raises" means any exception, BaseException included: a function that calls sys.exit()
+or raises KeyboardInterrupt fails like any other (it must not end or interrupt the run;
+a real Ctrl-C reaches the main thread, never the function's thread).
 Each call runs on its own daemon thread: a timed-out call cannot be killed in Python, so
 it is abandoned and finishes in the background without holding up the step or the exit
 of the process. A function with more than MAX_ABANDONED such calls still running is not
@@ -39,6 +42,15 @@ RewardFn = Callable[..., list]
 
 class RewardConfigError(ValueError):
     pass
+
+
+class RewardFunctionAborted(Exception):
+    """A reward function raised a BaseException that is not an Exception (SystemExit,
+    KeyboardInterrupt, GeneratorExit, ...): a failure of that function, nothing more."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{cause!r} raised inside the function; scored as a failure, not an exit")
+        self.cause = cause
 
 
 def load_reward_function(path: str) -> RewardFn:
@@ -90,8 +102,10 @@ class _Call:
         if not self._done.wait(max(0.0, deadline - time.monotonic())):
             _abandoned.setdefault(name, []).append(self.thread)
             raise TimeoutError
-        if self._error is not None:
+        if isinstance(self._error, Exception):
             raise self._error
+        if self._error is not None:  # SystemExit, KeyboardInterrupt...: the function's, not the run's
+            raise RewardFunctionAborted(self._error) from self._error
         return self._value
 
 
@@ -147,6 +161,8 @@ def call_reward_function(
 def _describe(exc: BaseException, timeout_s: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after reward.timeout_s={timeout_s:g}"
+    if isinstance(exc, RewardFunctionAborted):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
