@@ -12,6 +12,13 @@ stray temporary directory, never a half checkpoint under a real name. On resume,
 checkpoint whose manifest is missing or whose files do not match it is reported and
 skipped, and stray temporary directories are removed. Only directories named like a
 checkpoint are ever listed or pruned. docs/RELIABILITY.md has the whole story.
+
+trainer_state.pt is read with `torch.load(weights_only=True)`: tensors and plain Python
+values only, never pickled objects, because a pickle can run any code when it is loaded and
+a run directory may come from someone else. The manifest's checksums only tell that the
+files are the ones its writer listed, not who the writer was. The one non-plain value meml
+keeps (numpy's RNG state, which holds an array) is stored as a byte tensor and put back on
+loading; `save_trainer_state` / `load_trainer_state` do both.
 """
 
 from __future__ import annotations
@@ -20,24 +27,35 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+
+from meml.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = {"sft": 0, "rl": 1}
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^(sft|rl)-(\d{6})$")
-REQUIRED = ("trainer_state.pt", "config.yaml")  # plus at least one file under model/
+STATE = "trainer_state.pt"
+REQUIRED = (STATE, "config.yaml")  # plus at least one file under model/
+NDARRAY = "__meml_ndarray__"  # marks a numpy array stored as raw bytes in trainer_state.pt
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (or the output directory cannot hold one)."""
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A trainer_state.pt that would need pickle (and so could run code) to load: refused."""
 
 
 def checkpoint_name(stage: str, step: int) -> str:
@@ -101,7 +119,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, stat
         tmp.mkdir()
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)  # model_state: gathered weights under FSDP/ZeRO-3
         tokenizer.save_pretrained(tmp / "model")
-        torch.save(state, tmp / "trainer_state.pt")
+        save_trainer_state(state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_yaml)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -252,5 +270,84 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / MANIFEST).read_text())
 
 
+def _plain(obj, where: str = "state"):
+    """`obj` with numpy arrays turned into tagged byte tensors and numpy scalars into Python
+    numbers, so that torch.load(weights_only=True) can read it back."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError(f"{where}: a numpy array of Python objects cannot be stored without pickle")
+        data = np.frombuffer(np.ascontiguousarray(obj).tobytes(), dtype=np.uint8).copy()
+        return {NDARRAY: torch.from_numpy(data), "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        items = ((k, _plain(v, f"{where}.{k}")) for k, v in obj.items())
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+    if isinstance(obj, list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
+        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    return obj
+
+
+def _unplain(obj):
+    """The inverse of `_plain`."""
+    if isinstance(obj, dict):
+        if NDARRAY in obj:
+            raw = obj[NDARRAY].numpy().tobytes()
+            return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        items = ((k, _unplain(v)) for k, v in obj.items())
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+    if isinstance(obj, list):
+        return [_unplain(v) for v in obj]
+    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
+        return tuple(_unplain(v) for v in obj)
+    return obj
+
+
+def save_trainer_state(state: dict, file: Path) -> None:
+    """Write `state` so that it loads without pickle; raises TypeError when something in it
+    could not (found at the first save rather than at the resume that needs it)."""
+    torch.save(_plain(state), file)
+    unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    needs = unsafe(file) if unsafe else []
+    if needs:
+        raise TypeError(f"the trainer state holds objects that only pickle can restore: {', '.join(needs)}")
+
+
+def _legacy_numpy_globals() -> list:
+    """What a trainer_state.pt of an earlier meml needs besides plain values: the numpy RNG
+    state's uint32 array. Building an array runs no code of the file's choosing."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+
+
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    """The trainer state of checkpoint `path`, read without pickle (tensors and plain values).
+
+    A file that asks for anything else is refused with UnsafeCheckpointError, which names
+    the file; nothing in it is run.
+    """
+    file = path / STATE
+    try:
+        state = torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        try:
+            if allow is None:
+                raise exc
+            with allow(_legacy_numpy_globals()):
+                state = torch.load(file, weights_only=True)
+            log.info("%s was written by an earlier meml (numpy RNG state as an array); loaded it without pickle", file)
+        except pickle.UnpicklingError as again:
+            wanted = re.search(r"GLOBAL (\S+)", str(again)) or re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"it asks for {wanted.group(1)[:200]!r}" if wanted else "it holds more than tensors and plain values"
+            raise UnsafeCheckpointError(
+                f"refusing to load {file}: {what}, which only an unrestricted pickle load could build, and such a load "
+                "can run code from the file. meml writes trainer states of tensors and plain values only; resume only "
+                "checkpoints whose origin you trust, or start a fresh run"
+            ) from None
+    return _unplain(state)

@@ -8,9 +8,12 @@
 
 MODEL_OR_RUN is a run directory (its config and newest valid checkpoint are used), a
 model directory, a .gguf file or a hub id; without it, the configured model. `--task NAME`
-is short for task.name=NAME. Questions go in batches of eval.batch_size with a progress
-bar; after each batch its records are appended to <out>/records.jsonl, so an interrupted
-evaluation started again with the same command skips the questions already there.
+is short for task.name=NAME. A run's saved model.trust_remote_code is not taken over (code
+shipped with a checkpoint runs only when this command line says model.trust_remote_code=true),
+nor its reward.functions (not needed here; importing them would run their modules).
+Questions go in batches of eval.batch_size with a progress bar; after each batch its
+records are appended to <out>/records.jsonl, so an interrupted evaluation started again
+with the same command skips the questions already there.
 <out> is output_dir when given, else <run>/eval/<checkpoint> for a run, else
 runs/eval-<model>-<task>. Also written: <out>/summary.json and <out>/eval_settings.json
 (what the records were made with; a rerun with other settings is refused, not mixed in).
@@ -73,6 +76,14 @@ def resolve(target: str | None, overrides: list[str], preset: str | None, task: 
 
         run_dir = Path(target)
         base = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        if base.model.trust_remote_code:  # a run directory may come from anyone: its Python files do not run
+            log.warning("%s was made with model.trust_remote_code=true; ignoring that setting, so no Python file in its "
+                        "checkpoint runs. Add model.trust_remote_code=true to this command if you trust that code.",
+                        run_dir / "config.yaml")
+            base.model.trust_remote_code = False
+        if base.reward.functions:  # not needed to measure accuracy, and importing them runs their modules
+            log.info("not importing the run's reward.functions (%s): meml eval does not use them", ", ".join(base.reward.functions))
+            base.reward.functions, base.reward.weights = [], []
         latest = ckpt.find_latest(run_dir)
         if latest is None:
             raise FileNotFoundError(f"{run_dir} has no valid checkpoint to evaluate")
