@@ -18,11 +18,12 @@ import pytest
 
 from meml.config import load_config
 from meml.distill import run_distill
-from meml.distill.http_client import ChatClient, TeacherHTTPError
+from meml.distill.http_client import ChatClient, TeacherHTTPError, looks_like_a_key
 from meml.distill.output import done_pairs
 from meml.experts import experts_from_config
 from meml.session import open_session
 from meml.traces import load_expert_traces
+from meml.validation import ConfigError
 
 KEY = "sk-test-0123456789abcdef"
 KEY_ENV = "MEML_TEST_DISTILL_KEY"
@@ -307,3 +308,145 @@ def test_an_expert_trains_on_the_written_file(server, tmp_path):
     s = open_session(cfg, load_model=False)
     assert s.trace_report["checker"] == {"source": f"file:{out}", "kept": 4, "dropped_unverified": 0, "unknown_question": 0}
     assert s.traces[(s.train_examples[0].id, 2)].startswith("Work it out.")
+
+
+# ----------------------------------------------------------------------------- where the key may go
+
+
+class _Recorder(ThreadingHTTPServer):
+    """Answers any request with (status, headers) from `plan` while it lasts, then with
+    `status` and `headers`, and a chat completion as the body; records each request's
+    method, path and Authorization header."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int = 200, headers: dict | None = None, plan: list | None = None):
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.status, self.headers, self.plan = status, headers or {}, plan or []
+        self.requests: list[dict] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    server: _Recorder
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        srv = self.server
+        srv.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization")})
+        status, headers = srv.plan.pop(0) if srv.plan else (srv.status, srv.headers)
+        message = {"role": "assistant", "content": "The answer is 0."}
+        _Handler._send(self, status, {"choices": [{"message": message, "finish_reason": "stop"}]}, headers)
+
+    do_GET = do_POST = _any
+
+
+@contextlib.contextmanager
+def _serving(srv: ThreadingHTTPServer):
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_redirect_to_another_host_gets_neither_the_key_nor_a_trace(tmp_path, monkeypatch, caplog, capsys):
+    """The endpoint answers 302 to a server on another port (another origin): the client
+    stops there, so that server never sees a request, let alone the Authorization header."""
+    from meml.cli import main
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.setattr(ChatClient, "backoff_base_s", 0.01)
+    caplog.set_level(logging.DEBUG, logger="meml")
+    with _serving(_Recorder()) as other:
+        location = f"{other.base_url}/chat/completions?leaked={KEY}"  # a target that names the key: scrubbed too
+        with _serving(_Recorder(302, {"Location": location})) as endpoint:
+            rc = main(["-v", "distill", *_overrides(tmp_path, **{"distill.base_url": endpoint.base_url, "distill.concurrency": 1})])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "HTTP 302 redirects to another host (http://127.0.0.1:" in err and "not followed" in err
+    assert len(endpoint.requests) == 1 and endpoint.requests[0]["auth"] == f"Bearer {KEY}"  # one request, then the run stops
+    assert other.requests == []
+    traces = tmp_path / "traces.jsonl"
+    assert not traces.exists() or traces.read_text() == ""
+    for text in (caplog.text, out, err):
+        assert KEY not in text
+
+
+def test_a_redirect_within_the_endpoint_is_still_followed():
+    """Same scheme, host and port: urllib's usual handling (a 302 to a POST becomes a GET)."""
+    with _serving(_Recorder(plan=[(302, {"Location": "/v1/moved"})])) as srv:
+        reply = ChatClient(srv.base_url, "m", KEY, timeout_s=2, max_retries=0).complete([{"role": "user", "content": "hi"}], 0.0, 1.0, 8)
+    assert reply.content == "The answer is 0."
+    assert [(r["method"], r["path"]) for r in srv.requests] == [("POST", "/v1/chat/completions"), ("GET", "/v1/moved")]
+
+
+@pytest.mark.parametrize("url", ["file:///etc/hostname", "ftp://127.0.0.1/v1", "localhost:8000/v1", "http:///v1"])
+def test_only_http_and_https_base_urls_are_accepted(url, tmp_path, monkeypatch, capsys):
+    from meml.cli import main
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    rc = main(["distill", *_overrides(tmp_path, **{"distill.base_url": url})])
+    err = capsys.readouterr().err
+    assert rc == 2 and "give an http:// or https:// URL" in err
+    assert not (tmp_path / "traces.jsonl").exists() and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        ChatClient(url, "m", KEY, timeout_s=1, max_retries=0)
+
+
+def test_a_file_url_is_not_read(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"choices": [{"message": {"content": "SECRET FILE CONTENT"}}]}')
+    with pytest.raises(ConfigError) as err:
+        ChatClient(f"file://{tmp_path}", "m", None, timeout_s=1, max_retries=0)
+    assert "SECRET" not in str(err.value)
+
+
+def test_a_user_and_password_in_the_base_url_are_refused_without_echoing_them():
+    with pytest.raises(ConfigError, match="holds a user name or password") as err:
+        ChatClient("https://me:hunter2@api.example.com/v1", "m", None, timeout_s=1, max_retries=0)
+    assert "hunter2" not in str(err.value) and "https://api.example.com/v1" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [KEY, "sk_live_51Habcdef", "hf_AbCdEfGhIjKlMnOpQr", "Bearer abc", "gsk_0123", "AbCdEf0123456789GhIjKlMnOp"])
+def test_a_key_given_as_api_key_env_is_refused_without_showing_it(value, tmp_path, monkeypatch, caplog, capsys):
+    from meml.cli import main
+
+    monkeypatch.setattr(ChatClient, "backoff_base_s", 0.01)  # the code before this check tried a dead port
+    caplog.set_level(logging.DEBUG, logger="meml")
+    args = _overrides(tmp_path, **{"distill.api_key_env": value, "distill.base_url": "http://127.0.0.1:9/v1", "distill.max_retries": 0})
+    rc = main(["-v", "distill", *args])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "distill.api_key_env must be the NAME of the environment variable" in err
+    for text in (caplog.text, out, err):
+        assert value not in text
+    assert not (tmp_path / "run").exists() and not (tmp_path / "traces.jsonl").exists()  # no config.yaml holding it
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "DEEPSEEK_API_KEY", "ARK_API_KEY", "HF_TOKEN", "my_teacher_key", "KEY2"])
+def test_variable_names_are_not_mistaken_for_keys(name):
+    assert not looks_like_a_key(name)
+
+
+@pytest.mark.parametrize(("url", "key", "warned"), [
+    ("http://192.0.2.1:8000/v1", KEY, True),
+    ("http://teacher.example.com/v1", KEY, True),
+    ("http://192.0.2.1:8000/v1", None, False),  # no key to expose
+    ("https://192.0.2.1/v1", KEY, False),
+    ("http://127.0.0.1:8000/v1", KEY, False),
+    ("http://localhost:8000/v1", KEY, False),
+    ("http://[::1]:8000/v1", KEY, False),
+])
+def test_plain_http_to_another_machine_warns_that_the_key_is_unencrypted(url, key, warned, caplog):
+    caplog.set_level(logging.WARNING, logger="meml")
+    ChatClient(url, "m", key, timeout_s=1, max_retries=0)  # nothing is sent yet
+    assert ("the API key travels unencrypted" in caplog.text) == warned
+    assert KEY not in caplog.text

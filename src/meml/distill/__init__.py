@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from meml.config import Config, ConfigError, load_config
-from meml.distill.http_client import ChatClient, TeacherHTTPError
+from meml.distill.http_client import ChatClient, TeacherHTTPError, check_endpoint
 from meml.distill.output import TraceWriter
 from meml.distill.teachers import Pair, PairResult, http_results, local_results
 from meml.rollout import SamplingParams
@@ -95,6 +95,7 @@ def run_distill(cfg: Config, preset: str | None = None) -> dict:
     if d.teacher in ("hf", "openai") and not d.model:
         what = "a model path or hub id" if d.teacher == "hf" else "the served model's name"
         raise ConfigError(f"distill.teacher={d.teacher} needs distill.model=<{what}>")
+    check_endpoint(d.base_url if d.teacher == "openai" else None, d.api_key_env)  # before the config is logged or saved
     limit = d.max_examples or cfg.sft.max_examples
     cfg.sft.enabled = False  # an expert's file: source may be the very file this run writes
     s = open_session(cfg, preset, load_model=False)

@@ -28,8 +28,8 @@ log = logging.getLogger("meml")
 
 Verify = Callable[[str, Example, bool], bool]  # (response, example, finished) -> verified
 # Statuses that would fail every request the same way (bad key, no access, wrong model or
-# URL): stop the run instead of failing each pair in turn.
-FATAL_STATUSES = (401, 403, 404)
+# URL, a redirect the client does not follow): stop the run instead of failing each pair in turn.
+FATAL_STATUSES = (301, 302, 303, 307, 308, 401, 403, 404)
 
 
 @dataclass(frozen=True)
