@@ -149,16 +149,17 @@ def causal_pairs(length: int, start: int = 0) -> int:
 
 
 def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=print) -> dict:
-    """Run meml's RL steps (`meml.riel.rl_step`) as the trainer does, timing each step and its
+    """Run meml's RL steps (`meml.train.rl_step.rl_step`) as the trainer does, timing each step and its
     parts from outside, and counting the tokens each forward pass sees (for model FLOPs).
 
     skip_zero=False forwards zero-advantage sequences too (meml skips them: no gradient).
     """
     import torch
 
-    from meml import riel, update
-    from meml.config import load_config
-    from meml.session import make_optimizer, open_session
+    from meml.core.config import load_config
+    from meml.train import rl_step as riel
+    from meml.train import update
+    from meml.train.session import make_optimizer, open_session
 
     cfg = load_config(preset, overrides)
     t0 = time.perf_counter()

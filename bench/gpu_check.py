@@ -89,10 +89,10 @@ def sync(device):
 
 
 def check(name: str, args, device: torch.device) -> dict:
-    from meml.losses import sequence_weights
-    from meml.model import compute_dtype
-    from meml.rollout import HFEngine, SamplingParams
-    from meml.update import LossSettings, TrainItem, accumulate_gradients
+    from meml.algo.losses import sequence_weights
+    from meml.engines.hf import HFEngine, SamplingParams
+    from meml.engines.model import compute_dtype
+    from meml.train.update import LossSettings, TrainItem, accumulate_gradients
 
     dtype = compute_dtype("auto", device)
     if device.type == "cuda":

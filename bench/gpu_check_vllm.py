@@ -101,8 +101,8 @@ def save_random_model(name: str, scale: float, directory: Path) -> None:
 def check_model(name: str, args, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from meml.rollout import HFEngine, SamplingParams
-    from meml.rollout_vllm import VLLMEngine
+    from meml.engines.hf import HFEngine, SamplingParams
+    from meml.engines.vllm import VLLMEngine
 
     directory = Path(tempfile.mkdtemp(prefix=f"gpu-check-vllm-{name}-"))
     try:

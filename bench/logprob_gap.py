@@ -8,7 +8,7 @@ the policy (fp32 master weights under bf16 autocast). When the two disagree, the
 are slightly off-policy, which a truncated importance weight corrects (docs/VLLM.md).
 This samples with the vLLM engine (questions x 3 experts x samples, temperature 1), then
 scores the same tokens three ways:
-  policy, autocast   the trainer's recomputation (meml.update.score_logprobs)
+  policy, autocast   the trainer's recomputation (meml.train.update.score_logprobs)
   policy, fp32       the exact log-probs of the master weights
   bf16 weight copy   what the transformers engine samples from, scored in full bf16
 and prints, per reference, mean |delta|, max |delta| and the fraction of tokens whose
@@ -57,13 +57,13 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from meml.config import ModelConfig, _default_experts
-    from meml.data.arithmetic import generate
-    from meml.experts import experts_from_config, prompt_ids
-    from meml.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
-    from meml.rollout import SamplingParams
-    from meml.rollout_vllm import VLLMEngine
-    from meml.update import TrainItem, score_logprobs
+    from meml.core.config import ModelConfig, _default_experts
+    from meml.engines.hf import SamplingParams
+    from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
+    from meml.engines.vllm import VLLMEngine
+    from meml.tasks.arithmetic import generate
+    from meml.tasks.experts import experts_from_config, prompt_ids
+    from meml.train.update import TrainItem, score_logprobs
 
     cfg = ModelConfig()
     source = resolve_model_source(cfg)

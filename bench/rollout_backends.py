@@ -39,11 +39,11 @@ BACKENDS = ("hf", "vllm")
 def rollout_phase(backend: str, args) -> dict:
     import torch
 
-    from meml.config import ModelConfig, _default_experts
-    from meml.data.arithmetic import generate
-    from meml.experts import experts_from_config, prompt_ids
-    from meml.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
-    from meml.rollout import SamplingParams, make_engine
+    from meml.core.config import ModelConfig, _default_experts
+    from meml.engines.hf import SamplingParams, make_engine
+    from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
+    from meml.tasks.arithmetic import generate
+    from meml.tasks.experts import experts_from_config, prompt_ids
 
     cfg = ModelConfig()
     source = resolve_model_source(cfg)
@@ -93,8 +93,8 @@ def rollout_phase(backend: str, args) -> dict:
 
 
 def train_phase(backend: str, args) -> dict:
-    from meml.config import load_config
-    from meml.trainer import train
+    from meml.core.config import load_config
+    from meml.train.loop import train
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{backend}-"))
     overrides = {

@@ -30,7 +30,7 @@ def restore_before(engine) -> None:
     """The engine as it was: no contiguous-input hook on the LM head, torch.multinomial per row."""
     import torch
 
-    from meml import rollout
+    from meml.engines import hf as rollout
 
     engine.model.get_output_embeddings()._forward_pre_hooks.clear()
 
@@ -43,12 +43,12 @@ def restore_before(engine) -> None:
 def child(args) -> dict:
     import torch
 
-    from meml.config import ModelConfig, _default_experts
-    from meml.data.arithmetic import generate
-    from meml.data.base import NUMERIC_FORMAT
-    from meml.experts import experts_from_config, prompt_ids
-    from meml.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
-    from meml.rollout import SamplingParams, make_engine
+    from meml.core.config import ModelConfig, _default_experts
+    from meml.engines.hf import SamplingParams, make_engine
+    from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
+    from meml.tasks.arithmetic import generate
+    from meml.tasks.base import NUMERIC_FORMAT
+    from meml.tasks.experts import experts_from_config, prompt_ids
 
     cfg = ModelConfig()
     source = resolve_model_source(cfg)

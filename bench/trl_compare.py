@@ -83,7 +83,7 @@ def meml_overrides(args, backend: str, out: str) -> list[str]:
 
 def step_questions(s, steps: int) -> list:
     """The questions meml's trainer takes at steps 1..steps (its seeded shuffle), in order."""
-    from meml.riel import question_batch
+    from meml.train.rl_step import question_batch
 
     stub = types.SimpleNamespace(cfg=s.cfg, train_examples=s.train_examples,
                                  accelerator=types.SimpleNamespace(process_index=0, num_processes=1))
@@ -109,11 +109,11 @@ def trl_side(args) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from meml.config import load_config
-    from meml.experts import prompt_ids, user_message
-    from meml.model import resolve_model_source
-    from meml.rollout import stop_token_ids
-    from meml.session import open_session
+    from meml.core.config import load_config
+    from meml.engines.hf import stop_token_ids
+    from meml.engines.model import resolve_model_source
+    from meml.tasks.experts import prompt_ids, user_message
+    from meml.train.session import open_session
 
     out = tempfile.mkdtemp(prefix="trl-compare-trl-")
     cfg = load_config("grpo", meml_overrides(args, "hf", out))

@@ -26,7 +26,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _corpus() -> list[str]:
-    from meml.data.arithmetic import generate
+    from meml.tasks.arithmetic import generate
 
     lines = []
     for ex in generate("train", 200, 2, 0):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from meml.advantages import group_advantages, group_index, group_keys
-from meml.types import Episode
+from meml.algo.advantages import group_advantages, group_index, group_keys
+from meml.core.types import Episode
 
 NAN = float("nan")
 

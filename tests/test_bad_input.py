@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from meml import hub
 from meml.cli import main
-from meml.config import TaskConfig, load_config, to_yaml
-from meml.data.base import DataError, build_task
-from meml.session import open_session
+from meml.core import hub
+from meml.core.config import TaskConfig, load_config, to_yaml
+from meml.tasks.base import DataError, build_task
+from meml.train.session import open_session
 
 from conftest import tiny_overrides
 
@@ -32,8 +32,8 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the problem was caught")
 
-    monkeypatch.setattr("meml.model.load_policy", refuse)
-    monkeypatch.setattr("meml.model.load_tokenizer", refuse)
+    monkeypatch.setattr("meml.engines.model.load_policy", refuse)
+    monkeypatch.setattr("meml.engines.model.load_tokenizer", refuse)
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def no_weights_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded before the problem was caught")
 
-    monkeypatch.setattr("meml.model.load_policy", refuse)
+    monkeypatch.setattr("meml.engines.model.load_policy", refuse)
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ class _Saved:
     (True, "model.lora.enabled=false, but checkpoint .*rl-000001 holds a LoRA adapter"),
 ])
 def test_resuming_a_checkpoint_of_the_other_kind_fails_before_the_model_loads(saved_lora, message, tiny_model_dir, tmp_path, capsys, no_model_load):
-    from meml import checkpoint as ckpt
+    from meml.train import checkpoint as ckpt
 
     out = tmp_path / "run"
     saved_cfg = load_config(None, tiny_overrides(tiny_model_dir, out, **{"model.lora.enabled": str(saved_lora).lower()}))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from meml import checkpoint as ckpt
-from meml.config import load_config
-from meml.trainer import find_resume_checkpoint, train
-from meml.validation import ConfigError
+from meml.core.config import load_config
+from meml.core.validation import ConfigError
+from meml.train import checkpoint as ckpt
+from meml.train.loop import find_resume_checkpoint, train
 
 from conftest import tiny_overrides
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from meml.config import ConfigError, list_presets, load_config, to_yaml
+from meml.core.config import ConfigError, list_presets, load_config, to_yaml
 
 
 def test_defaults_run_the_embedded_default():
@@ -66,19 +66,19 @@ def test_malformed_override_and_unknown_preset():
 def test_resolved_config_round_trips_through_yaml():
     import yaml
 
-    from meml.config import from_dict
+    from meml.core.config import from_dict
 
     cfg = load_config("dr_grpo", ["seed=5"])
     assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
 
 
 def test_config_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import meml.model
+    import meml.engines.model
 
     def boom(*a, **k):
         raise AssertionError("model loading must not start")
 
-    monkeypatch.setattr(meml.model, "load_policy", boom)
+    monkeypatch.setattr(meml.engines.model, "load_policy", boom)
     from meml.cli import main
 
     assert main(["train", "train.stepz=2", f"output_dir={tmp_path}"]) == 2
@@ -114,13 +114,13 @@ def test_what_those_checks_still_allow():
 
 
 def test_a_setting_that_cannot_work_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import meml.model
+    import meml.engines.model
 
     def boom(*a, **k):
         raise AssertionError("model loading must not start")
 
-    monkeypatch.setattr(meml.model, "load_policy", boom)
-    monkeypatch.setattr(meml.model, "load_tokenizer", boom)
+    monkeypatch.setattr(meml.engines.model, "load_policy", boom)
+    monkeypatch.setattr(meml.engines.model, "load_tokenizer", boom)
     from meml.cli import main
 
     assert main(["train", "optim.beta2=1.5", f"output_dir={tmp_path}"]) == 2

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from meml.config import TaskConfig
-from meml.data.base import DataError, build_task
-from meml.data.gym import gym_answer
+from meml.core.config import TaskConfig
+from meml.tasks.base import DataError, build_task
+from meml.tasks.gym import gym_answer
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from meml.cli import main
-from meml.config import TaskConfig
-from meml.data.base import build_task
-from meml.data.inspect import guess_task, split_report
+from meml.core.config import TaskConfig
+from meml.tasks.base import build_task
+from meml.tasks.inspect import guess_task, split_report
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from meml.config import TaskConfig
-from meml.data.base import DataError, build_task, load_split
-from meml.data.gsm8k import rationales as gsm8k_rationales
-from meml.data.mathqa import clean_rationale, fix_mojibake, formula_steps, parse_options
+from meml.core.config import TaskConfig
+from meml.tasks.base import DataError, build_task, load_split
+from meml.tasks.gsm8k import rationales as gsm8k_rationales
+from meml.tasks.mathqa import clean_rationale, fix_mojibake, formula_steps, parse_options
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

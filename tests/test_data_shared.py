@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from meml.config import TaskConfig
-from meml.data.base import build_task
-from meml.data.inspect import split_report
+from meml.core.config import TaskConfig
+from meml.tasks.base import build_task
+from meml.tasks.inspect import split_report
 
 pytestmark = pytest.mark.data
 

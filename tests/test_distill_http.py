@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from meml.config import load_config
+from meml.core.config import load_config
+from meml.core.validation import ConfigError
 from meml.distill import run_distill
 from meml.distill.http_client import ChatClient, TeacherHTTPError, looks_like_a_key
 from meml.distill.output import done_pairs
-from meml.experts import experts_from_config
-from meml.session import open_session
-from meml.traces import load_expert_traces
-from meml.validation import ConfigError
+from meml.tasks.experts import experts_from_config
+from meml.tasks.traces import load_expert_traces
+from meml.train.session import open_session
 
 KEY = "sk-test-0123456789abcdef"
 KEY_ENV = "MEML_TEST_DISTILL_KEY"

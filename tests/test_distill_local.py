@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from meml.config import load_config
-from meml.data.base import DataError
+from meml.core.config import load_config
+from meml.core.types import Example, Expert
 from meml.distill import run_distill
 from meml.distill.output import TraceWriter, done_pairs
 from meml.distill.teachers import Pair, keep_first_verified
-from meml.rollout import Generation, HFEngine
-from meml.types import Example, Expert
+from meml.engines.hf import Generation, HFEngine
+from meml.tasks.base import DataError
 
 from conftest import tiny_overrides
 
@@ -81,7 +81,7 @@ def test_self_teacher_keeps_the_first_verified_sample(tiny_model_dir, tmp_path, 
                         Generation([], f"The answer is {gold}.", True)])
         return out
 
-    from meml.session import open_session
+    from meml.train.session import open_session
 
     examples = open_session(cfg, load_model=False).train_examples[:3]
     monkeypatch.setattr(HFEngine, "generate", fake_generate)

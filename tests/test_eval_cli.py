@@ -8,7 +8,7 @@ import json
 import pytest
 
 from meml.cli import main
-from meml.evaluate_cli import _pop_options
+from meml.cli.eval import _pop_options
 
 from conftest import tiny_overrides
 
@@ -48,7 +48,7 @@ def test_eval_resumes_after_a_kill_and_refuses_other_settings(tiny_model_dir, tm
     first_batch = "".join(full.splitlines(keepends=True)[:2])
     (out / "records.jsonl").write_text(first_batch + '{"question_id": "arith')
 
-    from meml.rollout import HFEngine
+    from meml.engines.hf import HFEngine
 
     generated = []
     real_generate = HFEngine.generate
@@ -65,7 +65,7 @@ def test_eval_resumes_after_a_kill_and_refuses_other_settings(tiny_model_dir, tm
     def no_model(*_args, **_kwargs):
         raise AssertionError("everything is done: the model must not be loaded")
 
-    monkeypatch.setattr("meml.session.attach_model", no_model)
+    monkeypatch.setattr("meml.train.session.attach_model", no_model)
     assert main(args) == 0
     assert main([*args, "eval.max_new_tokens=5"]) == 2  # would mix settings: refused
     assert (out / "records.jsonl").read_text() == full

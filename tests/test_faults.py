@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meml import checkpoint as ckpt
 from meml.cli import main
-from meml.rewards.functions import RewardStats, call_reward_function
+from meml.tasks.rewards import RewardStats, call_reward_function
+from meml.train import checkpoint as ckpt
 
 import reward_fns
 from conftest import tiny_overrides
@@ -106,7 +106,7 @@ def test_malformed_reward_values(fn, expected):
 
 
 def test_a_function_with_too_many_hung_calls_is_not_called_again(monkeypatch, caplog):
-    monkeypatch.setattr("meml.rewards.functions.MAX_ABANDONED", 2)
+    monkeypatch.setattr("meml.tasks.rewards.MAX_ABANDONED", 2)
     _call(reward_fns.sleeps, timeout_s=0.05, name="hangs")  # leaves 5 calls running for 5 s
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
@@ -116,7 +116,7 @@ def test_a_function_with_too_many_hung_calls_is_not_called_again(monkeypatch, ca
 
 
 def test_hung_reward_calls_do_not_hold_up_the_exit_of_the_process():
-    code = ("import reward_fns\nfrom meml.rewards.functions import RewardStats, call_reward_function\n"
+    code = ("import reward_fns\nfrom meml.tasks.rewards import RewardStats, call_reward_function\n"
             "print(call_reward_function(reward_fns.sleeps_forever, 'f', ['p'] * 3, ['a'] * 3, {}, 0.2, ['q'] * 3, RewardStats()))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
@@ -144,9 +144,9 @@ def test_training_goes_on_through_reward_function_failures(tiny_model_dir, tmp_p
 
 def _poison(monkeypatch, bad_calls: set[int], kind: str) -> None:
     """Make the optimizer steps numbered in bad_calls (1-based) see a NaN gradient or an infinite loss."""
-    import meml.update
+    import meml.train.update
 
-    real = meml.update.accumulate_gradients
+    real = meml.train.update.accumulate_gradients
     calls = []
 
     def accumulate(model, *args, **kwargs):
@@ -160,7 +160,7 @@ def _poison(monkeypatch, bad_calls: set[int], kind: str) -> None:
                 stats["loss"] = float("inf")
         return stats
 
-    monkeypatch.setattr(meml.update, "accumulate_gradients", accumulate)
+    monkeypatch.setattr(meml.train.update, "accumulate_gradients", accumulate)
 
 
 def _weights(run, name):
@@ -204,10 +204,10 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
 
     from accelerate import Accelerator
 
-    import meml.update
-    from meml.config import load_config
-    from meml.session import make_optimizer
-    from meml.update import LossSettings, optimizer_step
+    import meml.train.update
+    from meml.core.config import load_config
+    from meml.train.session import make_optimizer
+    from meml.train.update import LossSettings, optimizer_step
 
     accelerator = Accelerator(mixed_precision="fp16", cpu=True)
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
@@ -223,7 +223,7 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
         accelerator.backward(loss)
         return {"loss": float(loss.detach())}
 
-    monkeypatch.setattr(meml.update, "accumulate_gradients", accumulate)
+    monkeypatch.setattr(meml.train.update, "accumulate_gradients", accumulate)
 
     def step(x):
         scale_of_input["x"] = x
@@ -246,8 +246,8 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the problem was caught")
 
-    monkeypatch.setattr("meml.model.load_policy", refuse)
-    monkeypatch.setattr("meml.model.load_tokenizer", refuse)
+    monkeypatch.setattr("meml.engines.model.load_policy", refuse)
+    monkeypatch.setattr("meml.engines.model.load_tokenizer", refuse)
 
 
 def _bad_gsm8k(tmp_path) -> Path:

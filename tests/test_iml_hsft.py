@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from meml.hsft import HardExample, HardExampleBuffer, push_probability, should_push
-from meml.iml import expert_means, is_correct, select_pair
-from meml.types import Episode
+from meml.algo.hsft import HardExample, HardExampleBuffer, push_probability, should_push
+from meml.algo.iml import expert_means, is_correct, select_pair
+from meml.core.types import Episode
 
 
 def ep(expert, reward, length=3, q="q1"):

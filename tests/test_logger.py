@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from meml.logger import MetricsLogger, command_line
+from meml.train.logger import MetricsLogger, command_line
 
 from conftest import tiny_overrides
 

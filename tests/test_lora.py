@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from meml.config import load_config
-from meml.trainer import train
+from meml.core.config import load_config
+from meml.train.loop import train
 
 from conftest import tiny_overrides
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from meml import losses
+from meml.algo import losses
 
 
 def test_token_logprobs_by_hand():

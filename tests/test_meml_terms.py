@@ -4,7 +4,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from meml.update import LossSettings, TrainItem, accumulate_gradients
+from meml.train.update import LossSettings, TrainItem, accumulate_gradients
 
 STRONG_PROMPT = [1, 40, 41, 42, 43]
 WEAK_PROMPT = [1, 50, 51, 52]

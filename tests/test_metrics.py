@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from meml.metrics import (
+from meml.eval.metrics import (
     compute_matched_coverage,
     coverage,
     majority_vote,

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from meml import checkpoint as ckpt
 from meml.cli import main
+from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
 
@@ -27,8 +27,8 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the problem was caught")
 
-    monkeypatch.setattr("meml.model.load_policy", refuse)
-    monkeypatch.setattr("meml.model.load_tokenizer", refuse)
+    monkeypatch.setattr("meml.engines.model.load_policy", refuse)
+    monkeypatch.setattr("meml.engines.model.load_tokenizer", refuse)
 
 
 LEFTOVERS = {

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from meml.cli import main
-from meml.config import from_dict, load_config
-from meml.report import draw_plots, equivalent_command, load_run
+from meml.cli.report import draw_plots, equivalent_command, load_run
+from meml.core.config import from_dict, load_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ALL_FIGURES = {"reward.png", "zero_signal.png", "iml.png", "hsft.png", "eval_accuracy.png", "coverage.png",

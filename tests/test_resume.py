@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meml import checkpoint as ckpt
-from meml.config import load_config
+from meml.core.config import load_config
+from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
 
@@ -38,7 +38,7 @@ marker = os.environ.get("MEML_TEST_MARKER", "")
 touch = lambda suffix="": Path(marker + suffix).touch()
 
 if os.environ.get("MEML_TEST_HOLD_AFTER_RECORD"):  # "rl:4": write that record, then wait to be killed
-    from meml.logger import MetricsLogger
+    from meml.train.logger import MetricsLogger
     stage, step = os.environ["MEML_TEST_HOLD_AFTER_RECORD"].split(":")
     real_log = MetricsLogger.log
     def log(self, record):
@@ -59,8 +59,8 @@ if os.environ.get("MEML_TEST_KILL_IN_SAVE"):  # "rl-000003": SIGKILL itself once
 
 if os.environ.get("MEML_TEST_KILL_IN"):  # "generate:3" / "optimizer:3": SIGKILL itself there, inside RL step 3
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    import meml.trainer as trainer
-    from meml.rollout import HFEngine
+    import meml.train.loop as trainer
+    from meml.engines.hf import HFEngine
     where, at = os.environ["MEML_TEST_KILL_IN"].split(":")
     now, real_step, real_generate = {"step": 0}, trainer.rl_step, HFEngine.generate
     def rl_step(s, step, *args):
@@ -81,7 +81,7 @@ if os.environ.get("MEML_TEST_KILL_IN"):  # "generate:3" / "optimizer:3": SIGKILL
     register_optimizer_step_post_hook(stepped)
 
 if os.environ.get("MEML_TEST_WAIT_SIGNAL_AT"):  # "3": at the start of RL step 3, wait for SIGTERM (and, with HOLD, a second)
-    import meml.trainer as trainer
+    import meml.train.loop as trainer
     at, real_step = int(os.environ["MEML_TEST_WAIT_SIGNAL_AT"]), trainer.rl_step
     def rl_step(s, step, *args):
         if step == at:
@@ -333,7 +333,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_
 def _run_in_process(cfg, stop_after: int | None = None, engine_before: dict | None = None) -> None:
     """train(cfg); with stop_after, a real SIGTERM arrives during that RL step. engine_before
     collects the rollout engine's weights at the start of each RL step."""
-    import meml.trainer as trainer
+    import meml.train.loop as trainer
 
     real_step = trainer.rl_step
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-import meml.riel as riel
-from meml.config import load_config
-from meml.rollout import Generation
-from meml.session import make_optimizer, open_session
+import meml.train.rl_step as riel
+from meml.core.config import load_config
+from meml.engines.hf import Generation
+from meml.train.session import make_optimizer, open_session
 
 from conftest import tiny_overrides
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from meml.rollout import HFEngine, SamplingParams, split_completion
+from meml.engines.hf import HFEngine, SamplingParams, split_completion
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir, tiny_token
 
 
 def test_row_seeded_sampler_matches_the_distribution_and_top_p():
-    from meml.rollout import RowSeededSampler
+    from meml.engines.hf import RowSeededSampler
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     scores = probs.log().repeat(4000, 1)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from meml import checkpoint as ckpt
 from meml.cli import main
-from meml.config import load_config, to_yaml
-from meml.evaluate_cli import resolve
-from meml.session import rng_state
-from meml.validation import ConfigError
+from meml.cli.eval import resolve
+from meml.core.config import load_config, to_yaml
+from meml.core.validation import ConfigError
+from meml.train import checkpoint as ckpt
+from meml.train.session import rng_state
 
 from conftest import tiny_overrides
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from meml.config import ModelConfig, load_config
+from meml.core.config import ModelConfig, load_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +28,7 @@ def two_threads():
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from meml.model import resolve_model_source
+    from meml.engines.model import resolve_model_source
 
     return resolve_model_source(ModelConfig())  # converts the GGUF once into the cache
 
@@ -36,7 +36,7 @@ def smollm2_dir():
 def test_gguf_conversion_gives_a_trainable_chat_model(smollm2_dir):
     from pathlib import Path
 
-    from meml.model import load_policy, load_tokenizer
+    from meml.engines.model import load_policy, load_tokenizer
 
     config = json.loads((Path(smollm2_dir) / "config.json").read_text())
     assert "quantization_config" not in config  # cleared before saving, else it would not train
@@ -49,8 +49,8 @@ def test_gguf_conversion_gives_a_trainable_chat_model(smollm2_dir):
 
 
 def test_greedy_generation_is_deterministic_and_answers(smollm2_dir, tmp_path):
-    from meml.rollout import SamplingParams
-    from meml.session import open_session
+    from meml.engines.hf import SamplingParams
+    from meml.train.session import open_session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "sft.enabled=false", "task.options={test_size: 4}"])
     s = open_session(cfg)
@@ -67,7 +67,7 @@ def test_lora_on_smollm2_trains_and_the_adapter_loads_back(smollm2_dir, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from meml.trainer import train
+    from meml.train.loop import train
 
     overrides = [
         f"output_dir={tmp_path}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from test_resume import _assert_equal, assert_same_metrics, records
 
-import meml.riel
-import meml.update
-from meml import checkpoint as ckpt
+import meml.train.rl_step
+import meml.train.update
 from meml.cli import main
+from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
 
@@ -62,12 +62,12 @@ def test_a_step_failing_before_its_update_saves_the_step_before_and_resumes_exac
     # step 3 fails after its rollouts, rewards, HSFT pushes and backward pass (dropout drew
     # from the RNG), before the optimizer touched the weights
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.update, "accumulate_gradients", 3, RuntimeError("CUDA error: an illegal memory access"))
+        _fail_on_call(m, meml.train.update, "accumulate_gradients", 3, RuntimeError("CUDA error: an illegal memory access"))
         with caplog.at_level(logging.ERROR):
             assert main(_args(tiny_model_dir, failed)) == 1
     err = capsys.readouterr().err
     saved = failed / "checkpoints" / "rl-000002"
-    assert "error: rl step 3 failed at update.py:" in err and "in optimizer_step" in err
+    assert "error: rl step 3 failed at train/update.py:" in err and "in optimizer_step" in err
     assert "RuntimeError: CUDA error: an illegal memory access" in err
     assert f"Saved the state at the end of rl step 2 (before the failed step) in {saved}" in err
     assert f"continue from rl-000002 with: meml train --resume output_dir={failed}" in err
@@ -85,10 +85,10 @@ def test_a_step_failing_before_its_update_saves_the_step_before_and_resumes_exac
 
 def test_a_step_failing_after_its_update_saves_nothing_and_says_so(tiny_model_dir, tmp_path, monkeypatch, capsys):
     # the weights moved in step 2's update; the rollout engine's sync then fails
-    _fail_on_call(monkeypatch, meml.riel, "sync_rollout_weights", 2, RuntimeError("out of memory"))
+    _fail_on_call(monkeypatch, meml.train.rl_step, "sync_rollout_weights", 2, RuntimeError("out of memory"))
     assert main(_args(tiny_model_dir, tmp_path, **{"checkpoint.every_steps": 0})) == 1
     err = capsys.readouterr().err
-    assert "error: rl step 2 failed at riel.py:" in err and "RuntimeError: out of memory" in err
+    assert "error: rl step 2 failed at train/rl_step.py:" in err and "RuntimeError: out of memory" in err
     assert "No checkpoint was saved: the failure came in or after the optimizer update of step 2" in err
     assert "There is no checkpoint: fix the cause, then start again" in err
     assert ckpt.list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
@@ -98,14 +98,14 @@ def test_a_step_failing_after_its_update_saves_nothing_and_says_so(tiny_model_di
 def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_saves_nothing_new(tiny_model_dir, tmp_path, monkeypatch, capsys):
     first, later = tmp_path / "first", tmp_path / "later"
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.riel, "score_episodes", 1, ValueError("a bug"))
+        _fail_on_call(m, meml.train.rl_step, "score_episodes", 1, ValueError("a bug"))
         assert main(_args(tiny_model_dir, first)) == 1
     err = capsys.readouterr().err
-    assert "error: rl step 1 failed at riel.py:" in err and "in rl_step" in err and "ValueError: a bug" in err
+    assert "error: rl step 1 failed at train/rl_step.py:" in err and "in rl_step" in err and "ValueError: a bug" in err
     assert "No rl step of this start had finished, so there was nothing new to save" in err
     assert ckpt.list_checkpoints(first) == []
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.riel, "score_episodes", 3, ValueError("a bug"))
+        _fail_on_call(m, meml.train.rl_step, "score_episodes", 3, ValueError("a bug"))
         assert main(_args(tiny_model_dir, later, **{"checkpoint.every_steps": 1})) == 1
     err = capsys.readouterr().err
     assert f"The state at the end of rl step 2 is in {later / 'checkpoints' / 'rl-000002'}" in err
@@ -113,7 +113,7 @@ def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_sav
 
 
 def test_a_keyboard_interrupt_inside_a_step_is_not_a_step_failure(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _fail_on_call(monkeypatch, meml.riel, "score_episodes", 2, KeyboardInterrupt())
+    _fail_on_call(monkeypatch, meml.train.rl_step, "score_episodes", 2, KeyboardInterrupt())
     assert main(_args(tiny_model_dir, tmp_path, **{"checkpoint.every_steps": 0})) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "failed" not in err

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from meml.core.validation import ConfigError
 from meml.study.runner import chosen_lr, grid, rl_job
 from meml.study.spec import ArmSpec, EvalSetSpec, StudySpec, load_study
 from meml.study.summary import arm_records, best_on_validation, summarize_study
-from meml.validation import ConfigError
 
 STUDY = """
 name: tiny

@@ -7,7 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from meml.metrics import bootstrap_weights, choose_by_validation, mean_and_sd, paired_difference
+from meml.eval.metrics import (
+    bootstrap_weights,
+    choose_by_validation,
+    mean_and_sd,
+    paired_difference,
+)
 
 
 def test_identical_arms_differ_by_nothing():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meml.config import list_presets, load_config
-from meml.trainer import train
+from meml.core.config import list_presets, load_config
+from meml.train.loop import train
 
 from conftest import tiny_overrides
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from meml import losses
-from meml.update import (
+from meml.algo import losses
+from meml.train.update import (
     LossSettings,
     TrainItem,
     _cache_argument,

@@ -9,8 +9,8 @@ from fractions import Fraction
 
 import pytest
 
-from meml.rewards import verifiers
-from meml.rewards.verifiers import (
+from meml.tasks import verifiers
+from meml.tasks.verifiers import (
     option_value,
     parse_number,
     parse_yes_no,

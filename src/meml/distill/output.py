@@ -4,7 +4,7 @@ A row is {"question_id", "expert", "response", "teacher", "verified", "attempt",
 Rows are written and flushed one at a time as pairs finish, so a killed run loses only
 the pairs in flight. On restart, (question_id, expert) pairs already in the file are
 skipped. A line cut short by a kill mid-write is removed before appending, so the file
-stays valid JSONL for `meml.traces`.
+stays valid JSONL for `meml.tasks.traces`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from meml.data.base import DataError
+from meml.tasks.base import DataError
 
 log = logging.getLogger("meml")
 

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
+from meml.core.types import Example, Expert
 from meml.distill.http_client import ChatClient, TeacherHTTPError
-from meml.experts import user_message
-from meml.rollout import SamplingParams
-from meml.types import Example, Expert
+from meml.engines.hf import SamplingParams
+from meml.tasks.experts import user_message
 
 log = logging.getLogger("meml")
 

@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meml.metrics import choose_by_validation
+from meml.core.validation import ConfigError
+from meml.eval.metrics import choose_by_validation
 from meml.study.spec import StudySpec
-from meml.validation import ConfigError
 
 log = logging.getLogger("meml")
 
@@ -186,7 +186,7 @@ def read_records(spec: StudySpec) -> dict[str, dict]:
 
 def planned_config(job: Job) -> dict:
     """The resolved config the job's command gives (nothing is loaded but the config)."""
-    from meml.config import load_config, to_dict
+    from meml.core.config import load_config, to_dict
 
     stage1 = ["sft.enabled=true", "train.steps=0"] if job.kind == "stage1" else []  # what `meml sft` adds
     try:

@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from meml.validation import ConfigError
+from meml.core.validation import ConfigError
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Advantages: a reward minus its group's mean, optionally divided by the group's std.
+
+Groups are explicit integer ids. Which episodes share a group is decided in one place,
+`group_keys`: per (question, expert) as in MEML-GRPO, or pooled over a question's
+experts. Rewards of None (a reward function failed or the verifier abstained) take no
+part in the baseline and get advantage 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from meml.core.types import Episode
+
+
+def group_keys(episodes: Sequence[Episode], grouping: str) -> list[Hashable]:
+    """The baseline group of each episode: 'expert' -> (question, expert); 'question' -> question."""
+    if grouping == "expert":
+        return [(e.question_id, e.expert) for e in episodes]
+    if grouping == "question":
+        return [e.question_id for e in episodes]
+    raise ValueError(f"advantage grouping '{grouping}': choose expert or question")
+
+
+def group_index(keys: Sequence[Hashable]) -> torch.Tensor:
+    """Dense group ids 0..K-1 in order of first appearance."""
+    ids: dict[Hashable, int] = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # (N,) float, NaN where the reward is missing
+    groups: torch.Tensor,  # (N,) long group id
+    std_normalize: bool,
+    positive_only: bool,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """A_i = r_i - mean(r in group); / (std + eps) if std_normalize; max(A, 0) if positive_only.
+
+    The std is the unbiased sample std of the group (as TRL computes it); a group with a
+    single valid reward has advantage 0. Returns (N,) float.
+    """
+    valid = ~torch.isnan(rewards)  # (N,)
+    r = torch.where(valid, rewards, torch.zeros_like(rewards)).double()
+    num_groups = int(groups.max()) + 1 if groups.numel() else 0
+    count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, valid.double())
+    total = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, r)
+    mean = total / count.clamp(min=1)  # (K,)
+    centred = torch.where(valid, r - mean[groups], torch.zeros_like(r))  # (N,)
+    if std_normalize:
+        sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, groups, centred**2)
+        std = (sq / (count - 1).clamp(min=1)).sqrt()  # (K,)
+        centred = centred / (std[groups] + eps)
+    if positive_only:
+        centred = centred.clamp(min=0)
+    return centred.to(rewards.dtype if rewards.is_floating_point() else torch.float32)

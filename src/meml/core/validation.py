@@ -1,0 +1,156 @@
+"""Config validation: the one place that checks values types cannot, with messages that
+name the field and say how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meml.core.config import Config
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that names the field and how to fix it."""
+
+
+
+def _choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{field_name}='{value}' is not valid.{hint} Choose one of: {', '.join(choices)}")
+
+
+def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{field_name}={value} must be {bound}")
+
+
+def _in_range(field_name: str, value: float, low: float, high: float, high_open: bool = True) -> None:
+    """low <= value < high (or <= high when not high_open), and finite."""
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{field_name}={value} must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def _count_or_null(field_name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{field_name}={value} must be >= 1, or null for no limit")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types cannot; every message names the field to fix."""
+    _choice("model.dtype", cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"))
+    _choice("rollout.backend", cfg.rollout.backend, ("hf", "vllm"))
+    a = cfg.algo
+    _choice("algo.advantage_grouping", a.advantage_grouping, ("expert", "question"))
+    _choice("algo.loss", a.loss, ("reinforce", "ppo_clip"))
+    _choice("algo.aggregation", a.aggregation, ("token_mean", "seq_mean", "constant"))
+    _choice("algo.iml.form", a.iml.form, ("nll", "kl"))
+    _choice("algo.iml.answer_choice", a.iml.answer_choice, ("shortest", "first"))
+    _choice("algo.iml.normalize", a.iml.normalize, ("batch", "fired"))
+    _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
+    _choice("distill.teacher", cfg.distill.teacher, ("self", "hf", "openai"))
+    _positive("distill.samples_per_question", cfg.distill.samples_per_question)
+    _positive("distill.concurrency", cfg.distill.concurrency)
+    e = cfg.eval
+    for name in ("max_new_tokens", "batch_size", "bootstrap_resamples"):
+        _positive(f"eval.{name}", getattr(e, name))
+    for name in ("samples", "coverage_k", "every_steps"):
+        _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
+    if any(k < 1 for k in e.pass_k):
+        raise ConfigError(f"eval.pass_k={list(e.pass_k)}: every k must be >= 1")
+    _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online", "disabled"))
+    for backend in cfg.log.backends:
+        _choice("log.backends[]", backend, ("jsonl", "tensorboard", "wandb"))
+
+    if not cfg.experts:
+        raise ConfigError("experts is empty: give at least one expert (name, system_prompt)")
+    names = [e.name for e in cfg.experts]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"experts: names must be unique, repeated: {', '.join(dupes)}")
+    for name in cfg.sft.experts:
+        if name not in names:
+            raise ConfigError(f"sft.experts names '{name}', which is not an expert ({', '.join(names)})")
+
+    r = cfg.rollout
+    _positive("rollout.num_generations_per_expert", r.num_generations_per_expert)
+    _positive("rollout.max_new_tokens", r.max_new_tokens)
+    _positive("rollout.batch_size", r.batch_size)
+    _positive("rollout.temperature", r.temperature, allow_zero=True)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    if not 0 <= a.clip_eps_low < 1:
+        raise ConfigError(f"algo.clip_eps_low={a.clip_eps_low} must be in [0, 1)")
+    _positive("algo.clip_eps_high", a.clip_eps_high, allow_zero=True)
+    _positive("algo.ppo_epochs", a.ppo_epochs)
+    _positive("algo.mini_batches", a.mini_batches)
+    _positive("algo.kl_coef", a.kl_coef, allow_zero=True)
+    _positive("algo.tis_cap", a.tis_cap, allow_zero=True)
+    if a.loss == "reinforce" and (a.ppo_epochs > 1 or a.mini_batches > 1):
+        raise ConfigError(
+            "algo.loss=reinforce is on-policy: it takes one update per rollout batch. "
+            "Set algo.loss=ppo_clip to use algo.ppo_epochs/algo.mini_batches > 1."
+        )
+    _positive("algo.iml.weight", a.iml.weight, allow_zero=True)
+    _positive("algo.hsft.weight", a.hsft.weight, allow_zero=True)
+    _positive("algo.hsft.buffer_size", a.hsft.buffer_size)
+    if not 0 <= a.hsft.max_wrong < r.num_generations_per_expert:
+        raise ConfigError(
+            f"algo.hsft.max_wrong={a.hsft.max_wrong} must be in [0, G) with "
+            f"G=rollout.num_generations_per_expert={r.num_generations_per_expert}"
+        )
+    if a.hsft.push_prob is not None and not 0 <= a.hsft.push_prob <= 1:
+        raise ConfigError(f"algo.hsft.push_prob={a.hsft.push_prob} must be in [0, 1]")
+    if a.iml.enabled and len(cfg.experts) < 2:
+        raise ConfigError("algo.iml.enabled needs at least two experts; set algo.iml.enabled=false")
+
+    if r.temperature == 0 and r.num_generations_per_expert > 1 and cfg.train.steps > 0 and (
+            a.advantage_grouping == "expert" or len(cfg.experts) == 1):
+        raise ConfigError(
+            f"rollout.temperature=0 decodes greedily, so the G=rollout.num_generations_per_expert="
+            f"{r.num_generations_per_expert} answers of each (question, expert) group are identical: every "
+            "group would have zero reward variance and give no learning signal. Set rollout.temperature > 0 "
+            "(e.g. 1.0) for training"
+        )
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    _in_range("optim.beta1", o.beta1, 0.0, 1.0)
+    _in_range("optim.beta2", o.beta2, 0.0, 1.0)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("reward.timeout_s", cfg.reward.timeout_s)
+    _count_or_null("task.max_train_examples", cfg.task.max_train_examples)
+    _count_or_null("task.max_eval_examples", cfg.task.max_eval_examples)
+    _positive("train.steps", cfg.train.steps, allow_zero=True)
+    _positive("train.questions_per_step", cfg.train.questions_per_step)
+    _positive("train.micro_batch_tokens", cfg.train.micro_batch_tokens)
+    _positive("sft.lr", cfg.sft.lr)
+    _positive("sft.epochs", cfg.sft.epochs)
+    _positive("sft.batch_size", cfg.sft.batch_size)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if len(cfg.reward.weights) not in (0, len(cfg.reward.functions)):
+        raise ConfigError(
+            f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.functions)} "
+            "reward.functions: give one weight per function, or none (all 1.0)"
+        )
+    if not cfg.reward.use_verifier and not cfg.reward.functions:
+        raise ConfigError("reward.use_verifier=false and no reward.functions: nothing gives a reward")
+    lora = cfg.model.lora
+    if lora.enabled:
+        _positive("model.lora.r", lora.r)
+        _in_range("model.lora.dropout", lora.dropout, 0.0, 1.0)
+        modules = list(lora.target_modules)
+        if not modules or not all(isinstance(m, str) and m.strip() for m in modules):
+            raise ConfigError(
+                f"model.lora.target_modules={modules} must be a non-empty list of module names, "
+                "e.g. [q_proj, k_proj, v_proj, o_proj]"
+            )

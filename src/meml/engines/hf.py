@@ -1,0 +1,225 @@
+"""Rollout engines: the only module that knows how answers are generated.
+
+`make_engine` returns an object with two methods:
+  generate(prompts, params, seeds=None) -> for each prompt, `params.num_samples` Generations
+  sync_weights(policy)                  -> make the engine sample from the policy's current weights
+`seeds` gives each prompt its own sampling seed, so a prompt's samples do not depend on
+which other prompts share its batch or its process (the trainer derives them from the
+run seed, the step, the question and the expert). Without it, prompt i gets params.seed + i.
+The transformers engine keeps its own copy of the weights in the compute dtype (bf16 on
+hardware that has it): generating from the fp32 master weights under autocast would re-cast
+every weight at every token. After each update the copy is refreshed in place.
+
+Two costs of transformers `generate` on CPU that this module avoids (bench/trl_compare.py,
+docs/benchmarks.md): the prefill hands the LM head the last position as a strided slice,
+(rows, 1, hidden), which torch.matmul cannot fold into one matrix product, so it copies the
+head's weight once per row and runs a batched product (a 192-row eval batch of SmolLM2
+copied 11 GB, in 12 s); and sampling each row with `torch.multinomial` draws one exponential
+variate per vocabulary entry (half a millisecond per row and token at a 49k vocabulary).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_samples: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+def prompt_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (not Python's salted hash)."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RowSeededSampler:
+    """A logits processor that samples each row with its own generator.
+
+    `generate` runs greedy decoding over the scores this returns (0 for the sampled token,
+    -inf elsewhere), so each row's tokens depend only on its own seed and its own logits:
+    the same prompt and seed give the same samples whatever the batch holds.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature  # (rows, vocab)
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, -1) >= self.top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        picked = inverse_cdf_sample(torch.softmax(logits, -1), self.generators)  # (rows,)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0]), picked] = 0.0
+        return out
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row: the first index whose cumulative probability exceeds the row's own
+    uniform draw. probs (rows, vocab) -> (rows,).
+
+    The same distribution as torch.multinomial, for one uniform per row instead of one
+    exponential per vocabulary entry; the cumulative sum is taken in fp64 so that tokens of
+    tiny probability keep their share. A token of probability 0 (cut by top_p) is never
+    picked: its cumulative value equals its predecessor's.
+    """
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])  # (rows,)
+    cdf = probs.double().cumsum(-1)  # (rows, vocab)
+    u = u.to(cdf.device) * cdf[:, -1]  # scale to the row's total, which rounding keeps near but not at 1
+    return torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # completion tokens, up to and including the stop token if any
+    text: str  # decoded completion without special tokens
+    finished: bool  # stopped on a stop token (False: cut at max_new_tokens)
+    logprobs: list[float] | None = None  # sampling log-probs, where the engine reports them
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def split_completion(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """Cut a generated row after its first stop token; pads after it are dropped."""
+    for i, tok in enumerate(row):
+        if tok in stop_ids:
+            return row[: i + 1], True
+    return row, False
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: hand the module a contiguous input, which torch.matmul folds into
+    one matrix product instead of copying the weight once per batch row. Decode steps pass a
+    contiguous input already (no copy). When the engine shares the fp32 policy, the trainer's
+    passes get the hook too: a copy of the response positions' hidden states, small next to
+    the weight copies it saves."""
+    return (args[0].contiguous(), *args[1:]) if args else None
+
+
+class HFEngine:
+    """Batched `generate` from transformers with left padding."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int, share_weights: bool = True):
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(policy, tokenizer)
+        if dtype == torch.float32 and share_weights:
+            self.model = policy  # no copy needed: generate from the master weights
+            self._owns_copy = False
+        else:
+            self.model = copy.deepcopy(policy).to(dtype)
+            self.model.requires_grad_(False)
+            self._owns_copy = True
+        self._config_for_generation()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None and not getattr(head, "_meml_contiguous_input", False):  # the prefill's strided last position: see the module docstring
+            head.register_forward_pre_hook(_contiguous_input)
+            head._meml_contiguous_input = True  # once per module, however many engines share it
+
+    def _config_for_generation(self) -> None:
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        base.config.use_cache = True
+
+    @torch.no_grad()
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        if not self._owns_copy:
+            return
+        # Only trainable weights change (under LoRA: the adapters); frozen ones stay as copied.
+        source = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        for name, param in self.model.named_parameters():
+            if name in source:
+                param.copy_(source[name].detach())
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy full (gathered) weights in, e.g. from accelerate's get_state_dict under FSDP."""
+        for name, param in self.model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]:
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
+        per_call = max(1, self.batch_size // params.num_samples)
+        out: list[list[Generation]] = []
+        for start in range(0, len(prompts), per_call):
+            chunk = slice(start, start + per_call)
+            out.extend(self._generate_chunk(prompts[chunk], seeds[chunk], params, device))
+        if was_training and not self._owns_copy:
+            self.model.train()
+        return out
+
+    def _generate_chunk(self, chunk: list[list[int]], seeds: list[int], params: SamplingParams, device) -> list[list[Generation]]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (prompts, width), left-padded
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
+        greedy = params.temperature == 0
+        samples = 1 if greedy else params.num_samples  # greedy samples are identical: generate once, repeat
+        processors = []
+        if not greedy:
+            row_seeds = [prompt_seed(seed, j) for seed in seeds for j in range(samples)]  # rows: samples of a prompt adjacent
+            processors = [RowSeededSampler(row_seeds, params.temperature, params.top_p, device)]
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        # A fresh generation config: a model's own defaults (repetition penalty, top-k, ...)
+        # would otherwise bend the sampling distribution away from the policy's.
+        config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids)
+        sequences = self.model.generate(
+            input_ids=input_ids.repeat_interleave(samples, dim=0).to(device),
+            attention_mask=attention_mask.repeat_interleave(samples, dim=0).to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList(processors),
+        )  # (prompts * samples, width + new), samples of one prompt adjacent
+        if greedy:
+            sequences = sequences.repeat_interleave(params.num_samples, dim=0)
+        new_tokens = sequences[:, width:].tolist()
+        result: list[list[Generation]] = []
+        for i in range(len(chunk)):
+            group = []
+            for row in new_tokens[i * params.num_samples : (i + 1) * params.num_samples]:
+                ids, finished = split_completion(row, self.stop_ids)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                group.append(Generation(ids, text, finished))
+            result.append(group)
+        return result
+
+
+def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int,
+                share_weights: bool = True, vllm: dict | None = None):
+    """share_weights: an fp32 engine may generate from the policy's own weights (no copy).
+    vllm: the rollout.vllm settings, for that backend."""
+    if backend == "hf":
+        return HFEngine(policy, tokenizer, dtype, batch_size, share_weights)
+    if backend == "vllm":
+        from meml.engines.vllm import VLLMEngine, VLLMSettings  # optional extra
+
+        return VLLMEngine(policy, tokenizer, dtype, batch_size, settings=VLLMSettings(**vllm) if vllm else None)
+    raise ValueError(f"rollout.backend='{backend}': choose hf or vllm")

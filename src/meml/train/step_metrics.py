@@ -1,0 +1,93 @@
+"""Per-step RL metrics, per expert where it matters.
+
+  reward/mean, reward/<expert>          mean reward of the step's answers
+  correct/mean, correct/<expert>        fraction of answers the verifier accepted
+  zero_signal_frac, zero_signal/<e>     (question, expert) groups whose rewards are all equal:
+                                        their advantage is 0 and they teach nothing
+  zero_signal_frac_question             questions whose pooled rewards are all equal
+  all_wrong_frac_question               questions with no correct answer from any expert
+  rescued                               questions where expert 0 had no correct answer but
+                                        another expert did
+  iml/fired, iml/weak/<e>, iml/strong/<e>, iml/loss
+  hsft/pushed, hsft/pushed/<e>, hsft/buffer, hsft/flushes, hsft/loss
+  loss, pg_loss, kl, clip_frac, grad_norm, lr, skipped_updates
+  completion_len, truncated_frac, reward_failures, verifier_abstained
+  tokens_per_s (completion tokens / step time), gen_tokens_per_s, step_time_s, time/*
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from accelerate.utils import gather_object
+
+from meml.algo.iml import is_correct
+
+
+def _episode_rows(episodes, advantages) -> list[tuple]:
+    return [(e.question_id, e.expert, e.reward, is_correct(e), len(e.completion_ids), e.finished, float(a))
+            for e, a in zip(episodes, advantages.tolist())]
+
+
+def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, reward_stats, timing: dict) -> dict:
+    multi = s.accelerator.num_processes > 1
+    rows = gather_object(_episode_rows(episodes, advantages)) if multi else _episode_rows(episodes, advantages)
+    pair_rows = gather_object([(p.strong, p.weak) for p in pairs]) if multi else [(p.strong, p.weak) for p in pairs]
+    pushed_experts = gather_object([h.expert for h in pushed]) if multi else [h.expert for h in pushed]
+    counts = [reward_stats.failures, reward_stats.abstentions]
+    failures, abstained = (s.accelerator.reduce(torch.tensor(counts, device=s.accelerator.device), "sum").tolist() if multi else counts)
+    names = [e.name for e in s.experts]
+    m: dict[str, float] = {}
+    valid = [r for r in rows if r[2] is not None]
+    m["reward/mean"] = sum(r[2] for r in valid) / max(1, len(valid))
+    m["correct/mean"] = sum(r[3] for r in rows) / max(1, len(rows))
+    groups: dict[tuple, list] = defaultdict(list)
+    questions: dict[str, list] = defaultdict(list)
+    for r in rows:
+        groups[(r[0], r[1])].append(r)
+        questions[r[0]].append(r)
+    zero = {k: len({x[2] for x in g if x[2] is not None}) <= 1 for k, g in groups.items()}
+    m["zero_signal_frac"] = sum(zero.values()) / max(1, len(zero))
+    m["zero_signal_frac_question"] = sum(len({x[2] for x in q if x[2] is not None}) <= 1 for q in questions.values()) / max(1, len(questions))
+    m["all_wrong_frac_question"] = sum(not any(x[3] for x in q) for q in questions.values()) / max(1, len(questions))
+    for i, name in enumerate(names):
+        mine = [r for r in valid if r[1] == i]
+        m[f"reward/{name}"] = sum(r[2] for r in mine) / max(1, len(mine))
+        m[f"correct/{name}"] = sum(r[3] for r in rows if r[1] == i) / max(1, sum(1 for r in rows if r[1] == i))
+        z = [v for (_, e), v in zero.items() if e == i]
+        m[f"zero_signal/{name}"] = sum(z) / max(1, len(z))
+        m[f"iml/weak/{name}"] = sum(1 for _, w in pair_rows if w == i)
+        m[f"iml/strong/{name}"] = sum(1 for st, _ in pair_rows if st == i)
+        m[f"hsft/pushed/{name}"] = sum(1 for e in pushed_experts if e == i)
+    m["rescued"] = sum(
+        1 for q in questions.values() if not any(r[3] for r in q if r[1] == 0) and any(r[3] for r in q if r[1] != 0)
+    ) if len(names) > 1 else 0
+    m["iml/fired"] = len(pair_rows)
+    m["iml/loss"] = stats.get("iml_loss", 0.0)
+    m["hsft/pushed"] = len(pushed_experts)
+    m["hsft/buffer"] = len(s.buffer)
+    m["hsft/flushes"] = s.buffer.flushes
+    m["hsft/loss"] = stats.get("sft_loss", 0.0)
+    m["loss"] = stats.get("loss", 0.0)
+    m["pg_loss"] = stats.get("pg_loss", 0.0)
+    pg_tokens = stats.get("pg_tokens", 0.0)
+    m["kl"] = stats.get("kl_sum", 0.0) / pg_tokens if pg_tokens else 0.0
+    m["clip_frac"] = stats.get("clip_frac_sum", 0.0) / pg_tokens if pg_tokens else 0.0
+    is_tokens = stats.get("is_tokens", 0.0)
+    if is_tokens:  # the truncated IS correction was applied (algo.tis_cap > 0 and the engine reports log-probs)
+        m["is/weight_mean"] = stats["is_weight_sum"] / is_tokens
+        m["is/truncated_frac"] = stats["is_truncated_sum"] / is_tokens
+    m["grad_norm"] = stats.get("grad_norm", 0.0)
+    m["lr"] = stats.get("lr", 0.0)
+    m["skipped_updates"] = stats.get("skipped", 0.0)
+    lengths = [r[4] for r in rows]
+    m["completion_len"] = sum(lengths) / max(1, len(lengths))
+    m["truncated_frac"] = sum(1 for r in rows if not r[5]) / max(1, len(rows))
+    m["reward_failures"] = failures
+    m["verifier_abstained"] = abstained
+    m["trained_sequences"] = sum(1 for r in rows if r[6] != 0)
+    m["tokens_per_s"] = sum(lengths) / timing["step_time_s"]
+    m["gen_tokens_per_s"] = sum(lengths) / max(1e-9, timing["time/generate_s"])
+    m.update(timing)
+    return m
