@@ -156,7 +156,7 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
     """
     import torch
 
-    from meml.core.config import load_config
+    from meml.core.load import load_config
     from meml.train import rl_step as riel
     from meml.train import update
     from meml.train.session import make_optimizer, open_session

@@ -43,7 +43,7 @@ def child(args) -> dict:
     overrides = [f"{k}={v}" for k, v in {
         "output_dir": out, "seed": args.seed, "rollout.backend": args.backend, "train.steps": args.steps,
         "train.questions_per_step": args.questions, "rollout.num_generations_per_expert": group,
-        "rollout.max_new_tokens": args.max_new_tokens, "rollout.batch_size": 48, "sft.enabled": "false",
+        "rollout.max_new_tokens": args.max_new_tokens, "rollout.sequences_per_generate": 48, "sft.enabled": "false",
         "eval.before": "false", "eval.after": "false", "log.progress": "false", "algo.hsft.max_wrong": min(3, group - 1),
     }.items()] + extra
     if args.model:

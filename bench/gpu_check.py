@@ -90,7 +90,8 @@ def sync(device):
 
 def check(name: str, args, device: torch.device) -> dict:
     from meml.algo.losses import sequence_weights
-    from meml.engines.hf import HFEngine, SamplingParams
+    from meml.engines.base import SamplingParams
+    from meml.engines.hf import HFEngine
     from meml.engines.model import compute_dtype
     from meml.train.update import LossSettings, TrainItem, accumulate_gradients
 

@@ -101,7 +101,8 @@ def save_random_model(name: str, scale: float, directory: Path) -> None:
 def check_model(name: str, args, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from meml.engines.hf import HFEngine, SamplingParams
+    from meml.engines.base import SamplingParams
+    from meml.engines.hf import HFEngine
     from meml.engines.vllm import VLLMEngine
 
     directory = Path(tempfile.mkdtemp(prefix=f"gpu-check-vllm-{name}-"))
@@ -120,7 +121,7 @@ def check_model(name: str, args, device: torch.device) -> dict:
         params = SamplingParams(args.samples, 1.0, 1.0, args.max_new_tokens, 0)
 
         t0 = time.perf_counter()
-        engine = VLLMEngine(policy, tokenizer, dtype, batch_size=args.prompts * args.samples)
+        engine = VLLMEngine(policy, tokenizer, dtype, sequences_per_generate=args.prompts * args.samples)
         startup = time.perf_counter() - t0
         engine.generate(prompts[:2], SamplingParams(1, 1.0, 1.0, 8, 0))  # warm-up
         _sync_device(device)
@@ -169,7 +170,7 @@ def check_model(name: str, args, device: torch.device) -> dict:
             else None,
         }
         if args.compare_hf:
-            hf = HFEngine(policy, tokenizer, dtype, batch_size=args.prompts * args.samples)
+            hf = HFEngine(policy, tokenizer, dtype, sequences_per_generate=args.prompts * args.samples)
             hf.generate(prompts[:2], SamplingParams(1, 1.0, 1.0, 8, 0))
             _sync_device(device)
             t0 = time.perf_counter()

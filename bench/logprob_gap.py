@@ -58,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from meml.core.config import ModelConfig, _default_experts
-    from meml.engines.hf import SamplingParams
+    from meml.engines.base import SamplingParams
     from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
     from meml.engines.vllm import VLLMEngine
     from meml.tasks.arithmetic import generate
@@ -77,7 +77,7 @@ def main() -> int:
         for e in experts
     ]
 
-    engine = VLLMEngine(policy, tokenizer, dtype, batch_size=48)
+    engine = VLLMEngine(policy, tokenizer, dtype, sequences_per_generate=48)
     t0 = time.perf_counter()
     out = engine.generate(prompts, SamplingParams(args.samples, 1.0, 1.0, args.max_new_tokens, 0))
     gen_s = time.perf_counter() - t0

@@ -40,7 +40,8 @@ def rollout_phase(backend: str, args) -> dict:
     import torch
 
     from meml.core.config import ModelConfig, _default_experts
-    from meml.engines.hf import SamplingParams, make_engine
+    from meml.engines.base import SamplingParams
+    from meml.engines.factory import make_engine
     from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
     from meml.tasks.arithmetic import generate
     from meml.tasks.experts import experts_from_config, prompt_ids
@@ -93,7 +94,7 @@ def rollout_phase(backend: str, args) -> dict:
 
 
 def train_phase(backend: str, args) -> dict:
-    from meml.core.config import load_config
+    from meml.core.load import load_config
     from meml.train.loop import train
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{backend}-"))
@@ -105,7 +106,7 @@ def train_phase(backend: str, args) -> dict:
         "train.questions_per_step": args.questions,
         "rollout.num_generations_per_expert": args.samples,
         "rollout.max_new_tokens": args.max_new_tokens,
-        "rollout.batch_size": args.batch_size,
+        "rollout.sequences_per_generate": args.batch_size,
         "algo.hsft.max_wrong": min(3, args.samples - 1),
         "sft.enabled": "false",
         "eval.before": "false",
@@ -163,7 +164,7 @@ def main() -> int:
         "--batch-size",
         type=int,
         default=48,
-        help="rollout.batch_size (HF: sequences per generate call)",
+        help="rollout.sequences_per_generate (HF: sequences per generate call)",
     )
     parser.add_argument(
         "--steps", type=int, default=2, help="RL steps in the train phase (0: skip it)"

@@ -8,8 +8,8 @@ strided last position as it comes (torch.matmul then copies the head's weight on
 and each row samples with torch.multinomial. "after" is meml as it is. Each variant runs in
 its own process (its peak RSS is its own): a warm-up call, then a rollout of questions x 3
 experts x samples at temperature 1 with up to --max-new-tokens new tokens in one generate
-call (rollout.batch_size = all sequences, as in bench/trl_compare.py), then one greedy
-evaluation batch of eval.batch_size=64 questions x 3 experts (192 rows) with
+call (rollout.sequences_per_generate = all sequences, as in bench/trl_compare.py), then one greedy
+evaluation batch of eval.questions_per_batch=64 questions x 3 experts (192 rows) with
 --eval-new-tokens new tokens. Prints the times, tokens/s and peak RSS and writes
 bench/results/rollout_speedup.json.
 """
@@ -44,7 +44,8 @@ def child(args) -> dict:
     import torch
 
     from meml.core.config import ModelConfig, _default_experts
-    from meml.engines.hf import SamplingParams, make_engine
+    from meml.engines.base import SamplingParams
+    from meml.engines.factory import make_engine
     from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
     from meml.tasks.arithmetic import generate
     from meml.tasks.base import NUMERIC_FORMAT

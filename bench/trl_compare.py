@@ -69,7 +69,7 @@ def meml_overrides(args, backend: str, out: str) -> list[str]:
         "rollout.backend": backend,
         "rollout.num_generations_per_expert": args.generations,
         "rollout.max_new_tokens": args.max_new_tokens,
-        "rollout.batch_size": args.questions * args.generations,  # one generate call per step, as TRL
+        "rollout.sequences_per_generate": args.questions * args.generations,  # one generate call per step, as TRL
         "train.questions_per_step": args.questions,
         "train.steps": args.steps,
         "train.micro_batch_tokens": 4096,
@@ -109,8 +109,8 @@ def trl_side(args) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from meml.core.config import load_config
-    from meml.engines.hf import stop_token_ids
+    from meml.core.load import load_config
+    from meml.engines.base import stop_token_ids
     from meml.engines.model import resolve_model_source
     from meml.tasks.experts import prompt_ids, user_message
     from meml.train.session import open_session

@@ -89,7 +89,7 @@ def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
         "algo.hsft.max_wrong": 1,
         "algo.hsft.buffer_size": 2,
         "sft.max_examples": 8,
-        "sft.batch_size": 8,
+        "sft.sequences_per_step": 8,
         "eval.max_new_tokens": 8,
         "eval.before": "false",
         "eval.after": "false",

@@ -20,8 +20,10 @@ import pytest
 
 from meml.cli import main
 from meml.core import hub
-from meml.core.config import TaskConfig, load_config, to_yaml
-from meml.tasks.base import DataError, build_task
+from meml.core.config import TaskConfig
+from meml.core.errors import DataError
+from meml.core.load import load_config, to_yaml
+from meml.tasks.registry import build_task
 from meml.train.session import open_session
 
 from conftest import tiny_overrides

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meml.core.config import load_config
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
+from meml.core.load import load_config
 from meml.train import checkpoint as ckpt
 from meml.train.loop import find_resume_checkpoint, train
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from meml.core.config import ConfigError, list_presets, load_config, to_yaml
+from meml.core.errors import ConfigError
+from meml.core.load import list_presets, load_config, to_yaml
 
 
 def test_defaults_run_the_embedded_default():
@@ -66,7 +67,7 @@ def test_malformed_override_and_unknown_preset():
 def test_resolved_config_round_trips_through_yaml():
     import yaml
 
-    from meml.core.config import from_dict
+    from meml.core.load import from_dict
 
     cfg = load_config("dr_grpo", ["seed=5"])
     assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
@@ -125,3 +126,19 @@ def test_a_setting_that_cannot_work_exits_2_before_the_model_loads(tmp_path, cap
 
     assert main(["train", "optim.beta2=1.5", f"output_dir={tmp_path}"]) == 2
     assert "config error: optim.beta2=1.5 must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_renamed_keys_still_work_with_a_warning(caplog, tmp_path):
+    """`batch_size` meant three things in three sections; the old names remain aliases."""
+    from meml.core.load import from_dict, to_dict
+
+    with caplog.at_level("WARNING", logger="meml"):
+        cfg = load_config(None, ["rollout.batch_size=12", "eval.batch_size=5", "sft.batch_size=3"])
+    assert (cfg.rollout.sequences_per_generate, cfg.eval.questions_per_batch, cfg.sft.sequences_per_step) == (12, 5, 3)
+    assert "'rollout.batch_size' is a deprecated name; use 'rollout.sequences_per_generate'" in caplog.text
+    preset = tmp_path / "old.yaml"
+    preset.write_text("sft:\n  batch_size: 7\n")
+    assert load_config(str(preset)).sft.sequences_per_step == 7
+    saved = to_dict(load_config())
+    saved["eval"]["batch_size"] = saved["eval"].pop("questions_per_batch") * 0 + 9  # a config.yaml written before the rename
+    assert from_dict(saved).eval.questions_per_batch == 9

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from meml.core.config import TaskConfig
-from meml.tasks.base import DataError, build_task
+from meml.core.errors import DataError
+from meml.tasks.registry import build_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data" / "generic"
 MAPPING = {"question": "problem", "answer": "value", "rationale": "solution", "id": "uid"}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from meml.core.config import TaskConfig
-from meml.tasks.base import DataError, build_task
+from meml.core.errors import DataError
 from meml.tasks.gym import gym_answer
+from meml.tasks.registry import build_task
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 
 from meml.cli import main
 from meml.core.config import TaskConfig
-from meml.tasks.base import build_task
 from meml.tasks.inspect import guess_task, split_report
+from meml.tasks.registry import build_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from meml.core.config import TaskConfig
-from meml.tasks.base import DataError, build_task, load_split
+from meml.core.errors import DataError
+from meml.tasks.base import load_split
+from meml.tasks.choices import parse_options
 from meml.tasks.gsm8k import rationales as gsm8k_rationales
-from meml.tasks.mathqa import clean_rationale, fix_mojibake, formula_steps, parse_options
+from meml.tasks.mathqa import clean_rationale, fix_mojibake, formula_steps
+from meml.tasks.registry import build_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

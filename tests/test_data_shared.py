@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from meml.core.config import TaskConfig
-from meml.tasks.base import build_task
 from meml.tasks.inspect import split_report
+from meml.tasks.registry import build_task
 
 pytestmark = pytest.mark.data
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from meml.core.config import load_config
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
+from meml.core.load import load_config
 from meml.distill import run_distill
 from meml.distill.http_client import ChatClient, TeacherHTTPError, looks_like_a_key
 from meml.distill.output import done_pairs

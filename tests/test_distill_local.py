@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from meml.core.config import load_config
+from meml.core.errors import DataError
+from meml.core.load import load_config
 from meml.core.types import Example, Expert
 from meml.distill import run_distill
 from meml.distill.output import TraceWriter, done_pairs
 from meml.distill.teachers import Pair, keep_first_verified
-from meml.engines.hf import Generation, HFEngine
-from meml.tasks.base import DataError
+from meml.engines.base import Generation
+from meml.engines.hf import HFEngine
 
 from conftest import tiny_overrides
 
@@ -107,7 +108,7 @@ def test_trace_writer_drops_a_partial_last_line_and_refuses_a_broken_file(tmp_pa
 def test_distill_is_a_subcommand_and_checks_its_config(tiny_model_dir, tmp_path, capsys):
     from meml.cli import build_parser, main
 
-    assert build_parser().parse_args(["distill", "distill.teacher=openai"]).func.__module__ == "meml.distill"
+    assert build_parser().parse_args(["distill", "distill.teacher=openai"]).func.__module__ == "meml.cli.distill"
     overrides = tiny_overrides(tiny_model_dir, tmp_path)
     assert main(["distill", *overrides, "distill.teacher=openai"]) == 2
     assert "distill.model" in capsys.readouterr().err

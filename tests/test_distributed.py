@@ -37,7 +37,7 @@ def _final_params(run_dir):
 
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
     extra = {
-        "model.dtype": "fp32", "train.questions_per_step": 4, "sft.batch_size": 8, "sft.max_examples": 8,
+        "model.dtype": "fp32", "train.questions_per_step": 4, "sft.sequences_per_step": 8, "sft.max_examples": 8,
         "optim.lr": "1e-3", "sft.lr": "1e-3", "rollout.num_generations_per_expert": 4, "algo.hsft.max_wrong": 2,
         "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]",
     }

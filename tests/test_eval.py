@@ -10,10 +10,10 @@ import pytest
 
 from meml.core.config import EvalConfig, TaskConfig
 from meml.core.types import Example, Expert
-from meml.engines.hf import Generation
+from meml.engines.base import Generation
 from meml.eval.evaluate import QuestionRecord, evaluate_batch, records_as_dicts, summarize
 from meml.eval.metrics import pass_at_k
-from meml.tasks.base import build_task
+from meml.tasks.registry import build_task
 
 EXPERTS = [Expert("a", "sys a"), Expert("b", "sys b"), Expert("c", "sys c")]
 EXAMPLES = [Example("q1", "?", "7"), Example("q2", "?", "10"), Example("q3", "?", "5"), Example("q4", "?", "not a number")]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from meml.cli import main
-from meml.cli.eval import _pop_options
+from meml.cli.args import pop_options
 
 from conftest import tiny_overrides
 
@@ -17,8 +17,8 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_pop_options_takes_task_wherever_it_stands():
-    rest, found = _pop_options(["RUN", "--task", "gsm8k", "a=1", "--preset=grpo"], ("--preset", "--task"))
+def testpop_options_takes_task_wherever_it_stands():
+    rest, found = pop_options(["RUN", "--task", "gsm8k", "a=1", "--preset=grpo"], ("--preset", "--task"))
     assert rest == ["RUN", "a=1"] and found == {"--task": "gsm8k", "--preset": "grpo"}
 
 
@@ -41,7 +41,7 @@ def test_eval_writes_summary_and_per_question_records(tiny_model_dir, tmp_path, 
 
 def test_eval_resumes_after_a_kill_and_refuses_other_settings(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
-    args = ["eval", str(tiny_model_dir), *tiny_overrides(tiny_model_dir, out), "eval.batch_size=2", "eval.samples=2"]
+    args = ["eval", str(tiny_model_dir), *tiny_overrides(tiny_model_dir, out), "eval.questions_per_batch=2", "eval.samples=2"]
     assert main(args) == 0
     full = (out / "records.jsonl").read_text()
     # a kill during the second batch: one batch on disk and half a line of the next

@@ -205,7 +205,7 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
     from accelerate import Accelerator
 
     import meml.train.update
-    from meml.core.config import load_config
+    from meml.core.load import load_config
     from meml.train.session import make_optimizer
     from meml.train.update import LossSettings, optimizer_step
 

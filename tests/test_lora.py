@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from meml.core.config import load_config
+from meml.core.load import load_config
 from meml.train.loop import train
 
 from conftest import tiny_overrides

@@ -16,7 +16,7 @@ import yaml
 
 from meml.cli import main
 from meml.cli.report import draw_plots, equivalent_command, load_run
-from meml.core.config import from_dict, load_config
+from meml.core.load import from_dict, load_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ALL_FIGURES = {"reward.png", "zero_signal.png", "iml.png", "hsft.png", "eval_accuracy.png", "coverage.png",

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meml.core.config import load_config
+from meml.core.load import load_config
 from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
@@ -108,7 +108,7 @@ sys.exit(main(sys.argv[1:]))
 # Evals before, every 2 RL steps and after, and samples every step: their records must
 # read as one uninterrupted run too.
 SETTINGS = {
-    "train.steps": 6, "sft.batch_size": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
+    "train.steps": 6, "sft.sequences_per_step": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
     "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3", "sft.lr": "1e-3",
     "algo.hsft.buffer_size": 6, "algo.hsft.push_prob": 1.0, "model.dtype": "bf16",
     "eval.before": "true", "eval.every_steps": 2, "eval.after": "true", "log.samples_every": 1,
@@ -361,7 +361,7 @@ def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir
     checkpoint, since the resumed policy has moved on) and PPO mini-batches. The engine's
     bf16 copy after the resume equals the uninterrupted run's at the same step. LoRA
     dropout draws from the torch RNG in every update, so the RNG state must come back too."""
-    extra = {**SETTINGS, "train.steps": 3, "sft.batch_size": 12, "checkpoint.every_steps": 0, "model.lora.enabled": "true", "model.lora.r": 4,
+    extra = {**SETTINGS, "train.steps": 3, "sft.sequences_per_step": 12, "checkpoint.every_steps": 0, "model.lora.enabled": "true", "model.lora.r": 4,
              "model.lora.dropout": 0.3,
              "algo.kl_coef": 0.5, "algo.loss": "ppo_clip", "algo.mini_batches": 2, "eval.before": "false", "eval.every_steps": 0, "eval.after": "false", "log.samples_every": 0}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"

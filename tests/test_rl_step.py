@@ -3,8 +3,8 @@
 import pytest
 
 import meml.train.rl_step as riel
-from meml.core.config import load_config
-from meml.engines.hf import Generation
+from meml.core.load import load_config
+from meml.engines.base import Generation
 from meml.train.session import make_optimizer, open_session
 
 from conftest import tiny_overrides

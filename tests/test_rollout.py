@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from meml.engines.hf import HFEngine, SamplingParams, split_completion
+from meml.engines.base import SamplingParams, split_completion
+from meml.engines.hf import HFEngine
 
 
 @pytest.fixture(scope="module")
@@ -11,7 +12,7 @@ def engine(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    return HFEngine(model, tiny_tokenizer, torch.bfloat16, batch_size=8)
+    return HFEngine(model, tiny_tokenizer, torch.bfloat16, sequences_per_generate=8)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_sync_weights_makes_the_copy_follow_the_policy(tiny_model_dir, tiny_toke
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    eng = HFEngine(policy, tiny_tokenizer, torch.bfloat16, batch_size=8)
+    eng = HFEngine(policy, tiny_tokenizer, torch.bfloat16, sequences_per_generate=8)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -86,7 +87,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir, tiny_token
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    eng = HFEngine(model, tiny_tokenizer, torch.float32, batch_size=64)
+    eng = HFEngine(model, tiny_tokenizer, torch.float32, sequences_per_generate=64)
     params = SamplingParams(num_samples=3, temperature=1.0, max_new_tokens=12)
     together = _ids(eng.generate(prompts, params, seeds=[11, 22, 33]))
     alone = _ids(eng.generate(prompts[2:], params, seeds=[33]))

@@ -15,8 +15,8 @@ import torch
 
 from meml.cli import main
 from meml.cli.eval import resolve
-from meml.core.config import load_config, to_yaml
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
+from meml.core.load import load_config, to_yaml
 from meml.train import checkpoint as ckpt
 from meml.train.session import rng_state
 

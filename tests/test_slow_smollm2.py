@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from meml.core.config import ModelConfig, load_config
+from meml.core.config import ModelConfig
+from meml.core.load import load_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,7 +50,7 @@ def test_gguf_conversion_gives_a_trainable_chat_model(smollm2_dir):
 
 
 def test_greedy_generation_is_deterministic_and_answers(smollm2_dir, tmp_path):
-    from meml.engines.hf import SamplingParams
+    from meml.engines.base import SamplingParams
     from meml.train.session import open_session
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "sft.enabled=false", "task.options={test_size: 4}"])
@@ -71,7 +72,7 @@ def test_lora_on_smollm2_trains_and_the_adapter_loads_back(smollm2_dir, tmp_path
 
     overrides = [
         f"output_dir={tmp_path}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",
-        "task.options={train_size: 32, test_size: 4}", "sft.max_examples=8", "sft.batch_size=12", "sft.lr=1e-3",
+        "task.options={train_size: 32, test_size: 4}", "sft.max_examples=8", "sft.sequences_per_step=12", "sft.lr=1e-3",
         "train.steps=1", "train.questions_per_step=2", "rollout.num_generations_per_expert=2", "rollout.max_new_tokens=32",
         "algo.hsft.max_wrong=1", "eval.before=false", "eval.after=false", "eval.after_mef=false", "log.progress=false",
     ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
 from meml.study.runner import chosen_lr, grid, rl_job
 from meml.study.spec import ArmSpec, EvalSetSpec, StudySpec, load_study
 from meml.study.summary import arm_records, best_on_validation, summarize_study
@@ -34,7 +34,7 @@ common:
   - rollout.max_new_tokens=12
   - eval.max_new_tokens=8
   - sft.max_examples=8
-  - sft.batch_size=8
+  - sft.sequences_per_step=8
 rl: [train.steps={steps}, train.questions_per_step=2, rollout.num_generations_per_expert=2, algo.hsft.max_wrong=1]
 stage1:
   mef: {{preset: meml}}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meml.core.config import list_presets, load_config
+from meml.core.load import list_presets, load_config
 from meml.train.loop import train
 
 from conftest import tiny_overrides

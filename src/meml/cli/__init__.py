@@ -1,5 +1,5 @@
-"""Layer 6: the `meml` command and its subcommands, one module each."""
+"""Layer 6: the `meml` command and its subcommands, one module each (cli/app.py lists them)."""
 
-from meml.cli.app import build_parser, main, split_args
+from meml.cli.app import build_parser, main
 
-__all__ = ["build_parser", "main", "split_args"]
+__all__ = ["build_parser", "main"]

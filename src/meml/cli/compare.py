@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
 
 
 def _run(ns) -> int:
-    from meml.core.validation import ConfigError
+    from meml.core.errors import ConfigError
     from meml.study.runner import Runner, StudyError, plan_lines
     from meml.study.spec import load_study
 

@@ -11,7 +11,7 @@ model directory, a .gguf file or a hub id; without it, the configured model. `--
 is short for task.name=NAME. A run's saved model.trust_remote_code is not taken over (code
 shipped with a checkpoint runs only when this command line says model.trust_remote_code=true),
 nor its reward.functions (not needed here; importing them would run their modules).
-Questions go in batches of eval.batch_size with a progress bar; after each batch its
+Questions go in batches of eval.questions_per_batch with a progress bar; after each batch its
 records are appended to <out>/records.jsonl, so an interrupted evaluation started again
 with the same command skips the questions already there.
 <out> is output_dir when given, else <run>/eval/<checkpoint> for a run, else
@@ -27,7 +27,10 @@ import logging
 import re
 from pathlib import Path
 
-from meml.core.config import Config, ConfigError, from_dict, load_config
+from meml.cli.args import pop_options, split_args
+from meml.core.config import Config
+from meml.core.errors import ConfigError
+from meml.core.load import from_dict, load_config
 from meml.train import checkpoint as ckpt
 
 log = logging.getLogger("meml")
@@ -43,29 +46,9 @@ def add_parser(sub) -> None:
 
 
 def _run(ns) -> int:
-    from meml.cli import split_args
-
-    args, options = _pop_options(ns.args, ("--preset", "--task"))
+    args, options = pop_options(ns.args, ("--preset", "--task"))
     target, overrides = split_args(args)
     return run_eval(target, overrides, preset=options.get("--preset", ns.preset), task=options.get("--task", ns.task))
-
-
-def _pop_options(args: list[str], names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """Take `--name VALUE` / `--name=VALUE` out of args."""
-    rest, found, i = [], {}, 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        if name in names and eq:
-            found[name] = value
-        elif args[i] in names:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{args[i]} needs a value")
-            found[args[i]] = args[i + 1]
-            i += 1
-        else:
-            rest.append(args[i])
-        i += 1
-    return rest, found
 
 
 def resolve(target: str | None, overrides: list[str], preset: str | None, task: str | None) -> tuple[Config, Path, str | None]:
@@ -162,7 +145,7 @@ def run_eval(target: str | None, overrides: list[str], preset: str | None = None
     check_settings(out, settings)
     records_path = out / "records.jsonl"
     done = read_records(records_path)
-    chunks = batches(s.eval_examples, cfg.eval.batch_size)
+    chunks = batches(s.eval_examples, cfg.eval.questions_per_batch)
     todo = [(b, [ex for ex in chunk if ex.id not in done]) for b, chunk in enumerate(chunks)]
     todo = [(b, missing) for b, missing in todo if missing]
     if done:
@@ -191,7 +174,7 @@ def run_eval(target: str | None, overrides: list[str], preset: str | None = None
 
 def _as_overrides(cfg: Config, drop_task: bool = False) -> list[str]:
     """A saved run's whole config as overrides (JSON is valid YAML), so the eval matches it."""
-    from meml.core.config import to_dict
+    from meml.core.load import to_dict
 
     skip = {"output_dir", *(["task"] if drop_task else [])}
     return [f"{key}={json.dumps(value)}" for key, value in to_dict(cfg).items() if key not in skip]

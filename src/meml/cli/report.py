@@ -112,7 +112,8 @@ def _value(v) -> str:
 
 def equivalent_command(config: dict, subcommand: str = "train") -> str:
     """`meml train` with every setting of `config` that differs from the defaults."""
-    from meml.core.config import Config, from_dict, to_dict
+    from meml.core.config import Config
+    from meml.core.load import from_dict, to_dict
 
     resolved, default = _flat(to_dict(from_dict(config))), _flat(to_dict(Config()))
     overrides = [f"{k}={_value(v)}" for k, v in resolved.items() if default.get(k) != v]
@@ -310,7 +311,7 @@ def add_parser(sub) -> None:
 def _run(ns) -> int:
     names = ns.names.split(",") if ns.names else None
     if names and len(names) != len(ns.runs):
-        from meml.core.config import ConfigError
+        from meml.core.errors import ConfigError
 
         raise ConfigError(f"--names gives {len(names)} names for {len(ns.runs)} runs")
     for page in report(ns.runs, ns.out, names):

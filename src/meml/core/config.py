@@ -1,29 +1,13 @@
 """Configuration: nested dataclasses whose defaults run the embedded default job.
 
-A run's config is built in three layers, later ones winning:
-  1. the dataclass defaults below (the embedded default: MEML-GRPO on SmolLM2-135M),
-  2. a YAML preset holding only overrides (`src/meml/presets/NAME.yaml` or a path),
-  3. `key.sub=value` overrides from the command line.
-OmegaConf does the merging and type checking; unknown keys are rejected with the closest
-valid name. `validate` is the one place that checks values, and says how to fix them.
+core/load.py builds a run's config from these defaults, YAML presets and `key=value`
+overrides; core/validation.py checks the values.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from meml.core.validation import ConfigError, validate
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
-
-
 
 
 @dataclass
@@ -135,7 +119,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 48  # sequences per generate call
+    sequences_per_generate: int = 48  # sequences per generate call (formerly rollout.sequences_per_generate)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -212,7 +196,7 @@ class SFTConfig:
     enabled: bool = True
     epochs: float = 1.0
     lr: float = 5e-5
-    batch_size: int = 16  # sequences per optimizer step
+    sequences_per_step: int = 16  # traces per optimizer step (formerly sft.sequences_per_step)
     max_examples: int | None = 96  # questions used (each gives one trace per expert)
     experts: list[str] = field(default_factory=list)  # names of experts to train; empty = all
 
@@ -224,7 +208,7 @@ class EvalConfig:
     after_mef: bool = True  # also after stage 1, when stage 2 follows: what each stage contributed
     every_steps: int = 0  # also evaluate every N RL steps; 0 = off
     max_new_tokens: int = 160
-    batch_size: int = 64  # questions per generation batch; `meml eval` appends records after each
+    questions_per_batch: int = 64  # questions per generation batch; `meml eval` appends records after each (formerly eval.questions_per_batch)
     # Sampled answers per (question, expert) at rollout.temperature/top_p, for pass@k, the
     # compute-matched coverage and zero-signal estimates; 0 = greedy only.
     samples: int = 0
@@ -287,109 +271,3 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _preset_path(preset: str) -> Path:
-    path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    path = PRESET_DIR / f"{preset}.yaml"
-    if path.exists():
-        return path
-    close = difflib.get_close_matches(preset, list_presets(), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(list_presets())}")
-
-
-def _read_preset(path: Path) -> Any:
-    """A preset file's YAML; a syntax error names the file, line and column."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _apply(cfg: Any, key: str, value: Any, origin: str) -> None:
-    try:
-        if any(part.isdigit() for part in key.split(".")):
-            OmegaConf.update(cfg, key, value, merge=True)  # experts.0.name=...: index into a list
-        else:
-            nested: Any = value
-            for part in reversed(key.split(".")):
-                nested = {part: nested}
-            cfg.merge_with(nested)  # type-checked against the dataclasses; lists are replaced
-    except OmegaConfBaseException as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{origin}: cannot set '{key}': {first}") from None
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        # experts and options are replaced or merged as a whole, not key by key
-        if isinstance(v, dict) and key not in ("task.options",) and v:
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
-
-
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset YAML(s) <- `key=value` overrides; type-checked and validated.
-
-    `preset` may join several with "+", applied left to right, e.g. "task_gsm8k+grpo".
-    """
-    cfg = OmegaConf.structured(Config)
-    for name in (preset.split("+") if preset else []):
-        path = _preset_path(name)
-        data = _read_preset(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a preset must be a mapping of overrides")
-        for key, value in _flatten(data):
-            _apply(cfg, key, value, origin=str(path))
-    for text in overrides:
-        key, value = _parse_override(text)
-        _apply(cfg, key, value, origin=f"override '{text}'")
-    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(obj)
-    return obj
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
-
-
-def from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with a run (type-checked like any other source)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
-    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(obj)
-    return obj

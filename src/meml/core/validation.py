@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from meml.core.config import Config
-
-
-class ConfigError(ValueError):
-    """A config problem, with a message that names the field and how to fix it."""
-
+from meml.core.config import Config
+from meml.core.errors import ConfigError
 
 
 def _choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -58,7 +52,7 @@ def validate(cfg: Config) -> None:
     _positive("distill.samples_per_question", cfg.distill.samples_per_question)
     _positive("distill.concurrency", cfg.distill.concurrency)
     e = cfg.eval
-    for name in ("max_new_tokens", "batch_size", "bootstrap_resamples"):
+    for name in ("max_new_tokens", "questions_per_batch", "bootstrap_resamples"):
         _positive(f"eval.{name}", getattr(e, name))
     for name in ("samples", "coverage_k", "every_steps"):
         _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
@@ -81,7 +75,7 @@ def validate(cfg: Config) -> None:
     r = cfg.rollout
     _positive("rollout.num_generations_per_expert", r.num_generations_per_expert)
     _positive("rollout.max_new_tokens", r.max_new_tokens)
-    _positive("rollout.batch_size", r.batch_size)
+    _positive("rollout.sequences_per_generate", r.sequences_per_generate)
     _positive("rollout.temperature", r.temperature, allow_zero=True)
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
@@ -135,7 +129,7 @@ def validate(cfg: Config) -> None:
     _positive("train.micro_batch_tokens", cfg.train.micro_batch_tokens)
     _positive("sft.lr", cfg.sft.lr)
     _positive("sft.epochs", cfg.sft.epochs)
-    _positive("sft.batch_size", cfg.sft.batch_size)
+    _positive("sft.sequences_per_step", cfg.sft.sequences_per_step)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if len(cfg.reward.weights) not in (0, len(cfg.reward.functions)):
         raise ConfigError(

@@ -23,54 +23,20 @@ import contextlib
 import copy
 import logging
 import os
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from meml.core.config import Config, ConfigError, load_config
-from meml.distill.http_client import ChatClient, TeacherHTTPError, check_endpoint
+from meml.core.config import Config
+from meml.core.errors import ConfigError
+from meml.distill.http_client import ChatClient, check_endpoint
 from meml.distill.output import TraceWriter
 from meml.distill.teachers import Pair, PairResult, http_results, local_results
-from meml.engines.hf import SamplingParams
+from meml.engines.base import SamplingParams
 
 log = logging.getLogger("meml")
 
 REPORT_KEYS = ("pairs", "verified", "unverified", "failed", "attempts", "skipped")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "distill",
-        help="write expert traces (JSONL) for stage 1 from a teacher: self, a local model or an HTTP endpoint",
-        epilog="e.g. meml distill distill.teacher=openai distill.model=NAME distill.output=traces.jsonl (see docs/DISTILL.md)",
-    )
-    p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
-    p.set_defaults(func=cmd_distill)
-
-
-def cmd_distill(ns) -> int:
-    from meml.cli import split_args
-
-    preset, overrides = split_args(ns.args)
-    cfg = load_config(preset, overrides)
-    try:
-        report = run_distill(cfg, preset)
-    except TeacherHTTPError as exc:
-        print(f"error: teacher: {exc}\nRows written so far are kept; rerun the same command to resume.", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rows written so far are kept; rerun the same command to resume.", file=sys.stderr)
-        return 130
-    pairs, failed = (sum(c[k] for c in report.values()) for k in ("pairs", "failed"))
-    if pairs and failed == pairs:  # nothing came back: not a success, whatever the cause
-        print(f"error: the teacher failed on all {failed} requested pairs (each after its retries); nothing was written. "
-              "The reasons are in the warnings above; fix them and rerun the same command.", file=sys.stderr)
-        return 1
-    if failed:
-        print(f"warning: the teacher failed on {failed} of {pairs} pairs; they were not written, and rerunning the same "
-              "command asks for them again.", file=sys.stderr)
-    return 0
 
 
 def _chosen_experts(s, names: list[str]) -> list[int]:
@@ -141,7 +107,7 @@ def _results(cfg: Config, s, pairs: list[Pair], verify):
         return http_results(pairs, client, s.task.format_instruction, verify, d.samples_per_question, sampling, d.concurrency)
     engine, prompt_of = _local_teacher(cfg, s)
     params = SamplingParams(d.samples_per_question, d.temperature, d.top_p, d.max_new_tokens, cfg.seed)
-    pairs_per_call = max(1, cfg.rollout.batch_size // d.samples_per_question)
+    pairs_per_call = max(1, cfg.rollout.sequences_per_generate // d.samples_per_question)
     return local_results(pairs, engine, prompt_of, verify, params, pairs_per_call)
 
 
@@ -159,7 +125,7 @@ def _local_teacher(cfg: Config, s):
 
     from meml.core.config import LoraConfig
     from meml.engines import model as model_lib
-    from meml.engines.hf import make_engine
+    from meml.engines.factory import make_engine
     from meml.tasks.experts import prompt_ids
 
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.distill.model, gguf_file=None, revision=None, lora=LoraConfig(enabled=False))
@@ -167,7 +133,7 @@ def _local_teacher(cfg: Config, s):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = model_lib.load_policy(teacher_cfg).requires_grad_(False).to(device)
     dtype = model_lib.compute_dtype(cfg.model.dtype, device)
-    engine = make_engine(cfg.rollout.backend, policy, tokenizer, dtype, cfg.rollout.batch_size)
+    engine = make_engine(cfg.rollout.backend, policy, tokenizer, dtype, cfg.rollout.sequences_per_generate)
     fmt = s.task.format_instruction
     return engine, lambda pair: prompt_ids(tokenizer, pair.expert, pair.example, fmt)
 

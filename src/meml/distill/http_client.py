@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
 
 log = logging.getLogger("meml")
 

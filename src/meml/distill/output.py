@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from meml.tasks.base import DataError
+from meml.core.errors import DataError
 
 log = logging.getLogger("meml")
 

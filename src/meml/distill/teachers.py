@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from meml.core.types import Example, Expert
 from meml.distill.http_client import ChatClient, TeacherHTTPError
-from meml.engines.hf import SamplingParams
+from meml.engines.base import SamplingParams
 from meml.tasks.experts import user_message
 
 log = logging.getLogger("meml")

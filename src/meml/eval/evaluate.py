@@ -29,7 +29,7 @@ import numpy as np
 
 from meml.core.config import EvalConfig
 from meml.core.types import Example
-from meml.engines.hf import SamplingParams
+from meml.engines.base import SamplingParams
 from meml.eval.metrics import compute_matched_coverage, majority_vote, pass_at_k, zero_signal
 from meml.tasks.experts import render_prompt
 
@@ -138,7 +138,7 @@ def greedy_eval(s, examples: list[Example], max_new_tokens: int, samples: int = 
     Greedy accuracy per expert; with samples > 0 also the sampled figures.
     """
     records = []
-    for b, chunk in enumerate(batches(examples, s.cfg.eval.batch_size)):
+    for b, chunk in enumerate(batches(examples, s.cfg.eval.questions_per_batch)):
         records.extend(evaluate_batch(s, chunk, max_new_tokens, samples, batch_seed(s.cfg.seed, b)))
     return summarize(records, [e.name for e in s.experts], s.cfg.eval, s.cfg.rollout.num_generations_per_expert), records
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
 from meml.eval.metrics import choose_by_validation
 from meml.study.spec import StudySpec
 
@@ -186,7 +186,7 @@ def read_records(spec: StudySpec) -> dict[str, dict]:
 
 def planned_config(job: Job) -> dict:
     """The resolved config the job's command gives (nothing is loaded but the config)."""
-    from meml.core.config import load_config, to_dict
+    from meml.core.load import load_config, to_dict
 
     stage1 = ["sft.enabled=true", "train.steps=0"] if job.kind == "stage1" else []  # what `meml sft` adds
     try:

@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
 
 
 @dataclass

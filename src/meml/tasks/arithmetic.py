@@ -21,8 +21,9 @@ import random
 from dataclasses import dataclass
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example
-from meml.tasks.base import NUMERIC_FORMAT, DataError, Task, register_task
+from meml.tasks.base import NUMERIC_FORMAT, Task
 from meml.tasks.verifiers import verify_numeric
 
 NAMES = ["Sam", "Maya", "Leo", "Ana", "Omar", "Zoe", "Ivan", "Lena", "Raj", "Emma", "Kofi", "Mia"]
@@ -174,7 +175,6 @@ def generate(split: str, size: int, difficulty: int, seed: int) -> list[Example]
     return [make_example(i, split, difficulty, seed) for i in range(size)]
 
 
-@register_task("arithmetic")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     unknown = set(cfg.options) - set(DEFAULT_OPTIONS)
     if unknown:

@@ -1,24 +1,20 @@
-"""The task contract and its registry.
+"""The task contract.
 
 A task is data plus a judge: `load(split)` gives Examples, `verify(completion, example,
 finished)` gives a Verdict, `format_instruction` tells the model how to mark its answer
-(without a placeholder it could copy). Tasks register a builder under a name.
+(without a placeholder it could copy). tasks/registry.py names the builders.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example, Verdict
 
 NUMERIC_FORMAT = 'End your reply with a sentence that starts with "The answer is" and gives the final number.'
-
-
-class DataError(ValueError):
-    """Bad input data, with a message naming the file, line or row and the field."""
 
 
 @dataclass(frozen=True)
@@ -32,25 +28,6 @@ class Task:
 
 
 TaskBuilder = Callable[[TaskConfig, bool], Task]  # (task config, lenient verifier) -> Task
-TASKS: dict[str, TaskBuilder] = {}
-
-
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
-    def wrap(builder: TaskBuilder) -> TaskBuilder:
-        TASKS[name] = builder
-        return builder
-
-    return wrap
-
-
-def build_task(cfg: TaskConfig, lenient: bool = False) -> Task:
-    import meml.tasks  # noqa: F401  (registers the built-in tasks)
-
-    if cfg.name not in TASKS:
-        close = difflib.get_close_matches(cfg.name, list(TASKS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"task.name='{cfg.name}' is not a registered task.{hint} Tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[cfg.name](cfg, lenient)
 
 
 def load_split(task: Task, cfg: TaskConfig, split: str, limit: int | None) -> list[Example]:

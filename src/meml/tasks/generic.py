@@ -37,13 +37,14 @@ from pathlib import Path
 
 from meml.core import hub
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example
 from meml.tasks import verifiers
-from meml.tasks.base import NUMERIC_FORMAT, DataError, Task, register_task
+from meml.tasks.base import NUMERIC_FORMAT, Task
+from meml.tasks.choices import CHOICE_FORMAT, choices_of, render_options
 
 log = logging.getLogger(__name__)
 
-CHOICE_FORMAT = 'End your reply with a sentence that starts with "The answer is" and gives the letter of the correct option.'
 YES_NO_FORMAT = 'End your reply with a sentence that starts with "The answer is" and says yes or no.'
 TEXT_FORMAT = 'End your reply with a sentence that starts with "The answer is" and gives the final answer.'
 INSTRUCTIONS = {"numeric": NUMERIC_FORMAT, "choice": CHOICE_FORMAT, "yes_no": YES_NO_FORMAT, "text": TEXT_FORMAT}
@@ -220,29 +221,7 @@ def text_field(row: dict, key: str, where: str) -> str:
     return value.strip()
 
 
-def render_options(question: str, options: dict[str, str]) -> str:
-    lines = "\n".join(f"{k}) {v}" for k, v in options.items())
-    return f"{question}\nOptions:\n{lines}"
-
-
 # ----------------------------------------------------------------------------- the generic task
-
-
-def choices_of(value, where: str, key: str) -> dict[str, str]:
-    """Options as letter -> text from a mapping, a list or an "a ) x , b ) y" string."""
-    from meml.tasks.mathqa import parse_options
-
-    if isinstance(value, dict):
-        options = {str(k).strip().strip("()").lower(): str(v).strip() for k, v in value.items()}
-    elif isinstance(value, (list, tuple)):
-        options = {chr(ord("a") + i): str(v).strip() for i, v in enumerate(value)}
-    elif isinstance(value, str):
-        options = parse_options(value)
-    else:
-        options = {}
-    if not options or not all(len(k) == 1 and k.isalpha() for k in options):
-        raise DataError(f"{where}: field '{key}' is not a set of lettered options")
-    return options
 
 
 def make_verify(kind: str, lenient: bool, choices_key: str = "options") -> Callable:
@@ -264,7 +243,6 @@ def with_ending(solution: str, example: Example, verify: Callable) -> str:
     return f"{solution.rstrip()}\nThe answer is {example.answer}."
 
 
-@register_task("generic")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     unknown = set(cfg.options) - set(OPTIONS)
     if unknown:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import re
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example
-from meml.tasks.base import NUMERIC_FORMAT, DataError, Task, register_task
+from meml.tasks.base import NUMERIC_FORMAT, Task
 from meml.tasks.generic import collect, make_verify, open_split, text_field
 from meml.tasks.verifiers import parse_number
 
@@ -52,7 +53,6 @@ def parse_row(row: dict, where: str, split: str, index: int) -> Example:
     return Example(id=f"gsm8k-{split}-{index}", question=question, answer=final, rationales=rationales(body, final))
 
 
-@register_task("gsm8k")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     if cfg.options:
         raise DataError(f"task.options: gsm8k takes no options (got {sorted(cfg.options)})")

@@ -24,8 +24,9 @@ import logging
 import re
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example, Verdict
-from meml.tasks.base import DataError, Task, register_task
+from meml.tasks.base import Task
 from meml.tasks.generic import TEXT_FORMAT
 from meml.tasks.verifiers import ANSWER_MARKER_RE, answer_span
 
@@ -78,7 +79,6 @@ def make_examples(dataset, name: str, split: str) -> list[Example]:
     return examples
 
 
-@register_task("gym")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     unknown = set(cfg.options) - set(DEFAULT_OPTIONS)
     if unknown:

@@ -29,51 +29,16 @@ import math
 import re
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example
-from meml.tasks.base import DataError, Task, register_task
-from meml.tasks.generic import (
-    CHOICE_FORMAT,
-    collect,
-    make_verify,
-    open_split,
-    render_options,
-    text_field,
-)
+from meml.tasks.base import Task
+from meml.tasks.choices import CHOICE_FORMAT, parse_options, render_options
+from meml.tasks.generic import collect, make_verify, open_split, text_field
 
 HUB_ID = "allenai/math_qa"
 LETTERS = "abcde"
 SPLIT_FILES = {"train": ("train", "dev"), "validation": ("dev",)}
 HUB_SPLITS = {"dev": "validation"}
-
-# ----------------------------------------------------------------------------- options
-
-
-def parse_options(text: str) -> dict[str, str]:
-    """Letter -> option text from MathQA's option string; {} when the letters a-e are not
-    all found in order.
-
-    >>> parse_options("a ) 38 , b ) 27.675 , c ) 30 , d ) a ) 4 , e ) none")
-    {'a': '38', 'b': '27.675', 'c': '30', 'd': '4', 'e': 'none'}
-    >>> parse_options("['a ) 4', 'b ) 4 π', 'c ) 16', 'd ) 8 π', 'e ) 16']")["b"]
-    '4 π'
-    """
-    s = text.strip()
-    if s.startswith("[") and s.endswith("]"):
-        s = s[1:-1]
-    marks, pos = [], 0
-    for letter in LETTERS:
-        m = re.compile(rf"(?:^|,)\s*['\"]?\s*{letter}\s*\)\s*").search(s, pos)
-        if m is None:
-            return {}
-        marks.append((letter, m.start(), m.end()))
-        pos = m.end()
-    options = {}
-    for i, (letter, _, end) in enumerate(marks):
-        stop = marks[i + 1][1] if i + 1 < len(marks) else len(s)
-        value = s[end:stop].strip().strip("'\"").strip()
-        options[letter] = re.sub(r"^[a-e]\s*\)\s*", "", value)  # some rows repeat the letter: "a ) a ) 3"
-    return options
-
 
 # ----------------------------------------------------------------------------- rationale text
 
@@ -266,7 +231,6 @@ def parse_row(row: dict, where: str, split: str, index: int) -> Example:
     return Example(id=f"mathqa-{split}-{index}", question=question, answer=correct, rationales=rationales, columns=columns)
 
 
-@register_task("mathqa")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     if cfg.options:
         raise DataError(f"task.options: mathqa takes no options (got {sorted(cfg.options)})")

@@ -32,16 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from meml.core.errors import RewardConfigError
 from meml.core.types import Episode, Example
 from meml.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list]
-
-
-class RewardConfigError(ValueError):
-    pass
 
 
 class RewardFunctionAborted(Exception):

@@ -22,8 +22,9 @@ from __future__ import annotations
 import re
 
 from meml.core.config import TaskConfig
+from meml.core.errors import DataError
 from meml.core.types import Example
-from meml.tasks.base import DataError, Task, register_task
+from meml.tasks.base import Task
 from meml.tasks.generic import YES_NO_FORMAT, collect, make_verify, open_split, text_field
 from meml.tasks.verifiers import parse_yes_no
 
@@ -73,7 +74,6 @@ def parse_row(row: dict, where: str, index: int) -> Example:
     )
 
 
-@register_task("strategyqa")
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     if cfg.options:
         raise DataError(f"task.options: strategyqa takes no options (got {sorted(cfg.options)})")

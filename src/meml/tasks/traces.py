@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from meml.core.errors import DataError
 from meml.core.types import Example, Expert
-from meml.tasks.base import DataError, Task
+from meml.tasks.base import Task
 
 
 def read_trace_file(path: Path) -> list[dict]:

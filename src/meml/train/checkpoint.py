@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from meml.core.validation import ConfigError
+from meml.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

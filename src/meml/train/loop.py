@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from meml.core.config import Config, to_dict, to_yaml
-from meml.core.validation import ConfigError
+from meml.core.config import Config
+from meml.core.errors import ConfigError
+from meml.core.load import to_dict, to_yaml
 from meml.engines.model import frozen_copy
 from meml.eval.evaluate import greedy_eval, records_as_dicts
 from meml.tasks.experts import response_ids
@@ -315,7 +316,7 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
-        batch = mef.batch_keys(keys, step - 1, cfg.sft.batch_size, cfg.seed)
+        batch = mef.batch_keys(keys, step - 1, cfg.sft.sequences_per_step, cfg.seed)
         local = batch[s.accelerator.process_index :: s.accelerator.num_processes]
         tokens = sum(len(response_ids(s.tokenizer, s.traces[k])) for k in local)
         global_tokens = int(global_sum(s, [tokens])[0])
@@ -517,7 +518,7 @@ def _position(s: Session, stage: str, step: int) -> dict:
     if stage == "rl":
         seen = step * s.cfg.train.questions_per_step
         return {"questions_seen": seen, "epoch": seen // max(1, len(s.train_examples))}
-    per_epoch = mef.steps_per_epoch(len(mef.trace_keys(s)), s.cfg.sft.batch_size)
+    per_epoch = mef.steps_per_epoch(len(mef.trace_keys(s)), s.cfg.sft.sequences_per_step)
     return {"batches_seen": step, "epoch": step // per_epoch}
 
 

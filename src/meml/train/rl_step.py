@@ -26,7 +26,7 @@ from meml.algo.hsft import HardExample, should_push
 from meml.algo.iml import IMLPair, is_correct, select_pair
 from meml.algo.losses import sequence_weights
 from meml.core.types import Episode, Example
-from meml.engines.hf import SamplingParams, prompt_seed
+from meml.engines.base import SamplingParams, prompt_seed
 from meml.tasks.experts import response_ids
 from meml.tasks.rewards import score_episodes
 from meml.train.session import Session, global_sum, sync_rollout_weights

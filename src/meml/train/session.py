@@ -24,13 +24,16 @@ import torch
 import yaml
 
 from meml.algo.hsft import HardExampleBuffer
-from meml.core.config import Config, ConfigError, to_dict, to_yaml
+from meml.core.config import Config
+from meml.core.errors import ConfigError, DataError, ModelLoadError
+from meml.core.load import to_dict, to_yaml
 from meml.core.types import Example, Expert
 from meml.engines import model as model_lib
-from meml.engines.hf import make_engine
-from meml.tasks.base import DataError, Task, build_task, load_split
+from meml.engines.factory import make_engine
+from meml.tasks.base import Task, load_split
 from meml.tasks.experts import experts_from_config, prompt_ids, user_message
 from meml.tasks.inspect import unparsed_gold
+from meml.tasks.registry import build_task
 from meml.tasks.rewards import RewardFn, load_reward_function
 from meml.tasks.traces import load_expert_traces
 from meml.train.logger import MetricsLogger
@@ -130,7 +133,7 @@ def attach_model(s: Session, source: str | None = None) -> None:
     check_prompt_lengths(s, model_lib.context_length(cfg.model, source))  # before the weights load
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
-    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.batch_size,
+    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.sequences_per_generate,
                            share_weights=not sharded(s), vllm=dataclasses.asdict(cfg.rollout.vllm))
     s.policy = s.accelerator.prepare_model(policy)
     s.logger = MetricsLogger(
@@ -263,9 +266,9 @@ def model_source(cfg: Config) -> str:
 
         latest = ckpt.find_latest(path)
         if latest is None:
-            raise model_lib.ModelLoadError(f"model.name_or_path: run directory {path} has no valid checkpoint")
+            raise ModelLoadError(f"model.name_or_path: run directory {path} has no valid checkpoint")
         if not (latest / "model" / "config.json").exists():
-            raise model_lib.ModelLoadError(
+            raise ModelLoadError(
                 f"model.name_or_path: {latest / 'model'} holds a LoRA adapter, not a whole model; "
                 "start from the base model with the adapter's run resumed instead")
         log.info("model.name_or_path: run directory %s, checkpoint %s", path, latest.name)

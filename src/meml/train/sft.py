@@ -29,7 +29,7 @@ def steps_per_epoch(num_traces: int, batch_size: int) -> int:
 
 
 def total_steps(s) -> int:
-    per_epoch = steps_per_epoch(len(trace_keys(s)), s.cfg.sft.batch_size)
+    per_epoch = steps_per_epoch(len(trace_keys(s)), s.cfg.sft.sequences_per_step)
     return max(1, math.ceil(s.cfg.sft.epochs * per_epoch))
 
 
