@@ -156,15 +156,18 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
     """
     import torch
 
+    from meml.algo import objective
     from meml.core.load import load_config
     from meml.train import rl_step as riel
     from meml.train import update
-    from meml.train.session import make_optimizer, open_session
+    from meml.train.loop import make_learner
+    from meml.train.session import open_session
 
     cfg = load_config(preset, overrides)
     t0 = time.perf_counter()
     s = open_session(cfg, preset)
-    optimizer, scheduler = make_optimizer(s.policy.parameters(), cfg.optim.lr, cfg, cfg.train.steps, s.accelerator)
+    learner = make_learner(s, cfg.optim.lr, cfg.train.steps)
+    optimizer = learner.optimizer
     startup = time.perf_counter() - t0
     shape = model_shape(s.unwrapped)
     timers = Timers()
@@ -177,9 +180,9 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
 
     roll_out = riel.roll_out
 
-    def counted_roll_out(s_, questions, step):
+    def counted_roll_out(*args):
         t = time.perf_counter()
-        episodes = roll_out(s_, questions, step)
+        episodes = roll_out(*args)
         timers.seconds["generate"] += time.perf_counter() - t
         for e in episodes:
             p, c = len(e.prompt_ids), len(e.completion_ids)
@@ -208,12 +211,12 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
 
     update.micro_batch_loss = counted_loss
     if not skip_zero:
-        policy_items = riel.policy_items
-        riel.policy_items = lambda s_, eps, adv, idx, drop_zero: policy_items(s_, eps, adv, idx, False)
+        policy_items = objective.policy_items
+        objective.policy_items = lambda *a, drop_zero: policy_items(*a, drop_zero=False)
     steps = []
     for step in range(1, cfg.train.steps + 1):
         t = time.perf_counter()
-        m = riel.rl_step(s, step, optimizer, scheduler, None)
+        m = riel.rl_step(s, step, learner, None)
         dt = time.perf_counter() - t
         c = dict(counts)
         counts.clear()

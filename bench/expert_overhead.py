@@ -67,8 +67,8 @@ def summarize(run: dict, warmup: int) -> dict:
         "prompt_tokens_per_sequence": sum(st["prompt_tokens"] for st in measured) / sum(st["sequences"] for st in measured),
         "completion_tokens_per_step": mean(st["completion_tokens"] for st in measured),
         "completion_len": sum(st["completion_tokens"] for st in measured) / sum(st["sequences"] for st in measured),
-        "train_rows": {k: per_step(f"train_rows/{k}") for k in ("pg", "iml", "sft")},
-        "train_tokens": {k: per_step(f"train_tokens/{k}") for k in ("pg", "iml", "sft")},
+        "train_rows": {k: per_step(f"train_rows/{k}") for k in ("pg", "iml", "hsft")},
+        "train_tokens": {k: per_step(f"train_tokens/{k}") for k in ("pg", "iml", "hsft")},
         "reward": mean(st["metrics"]["reward/mean"] for st in measured),
         "zero_signal_frac": mean(st["metrics"]["zero_signal_frac"] for st in measured),
         "iml_fired": mean(st["metrics"].get("iml/fired", 0) for st in measured),
@@ -108,7 +108,7 @@ def main() -> int:
     for label, get in [("step time (s)", lambda x: x["step_time_s"]), ("sequences/step", lambda x: x["sequences"]),
                        ("prompt tokens/sequence", lambda x: x["prompt_tokens_per_sequence"]), ("completion length", lambda x: x["completion_len"]),
                        ("pg rows trained/step", lambda x: x["train_rows"]["pg"]), ("IML rows/step", lambda x: x["train_rows"]["iml"]),
-                       ("HSFT rows/step", lambda x: x["train_rows"]["sft"]), ("reward", lambda x: x["reward"]),
+                       ("HSFT rows/step", lambda x: x["train_rows"]["hsft"]), ("reward", lambda x: x["reward"]),
                        ("zero-signal fraction", lambda x: x["zero_signal_frac"])]:
         print(f"{label:30}" + "".join(f"{get(sm[a]):>13.2f}" for a in names))
     for part in ("generate", "reward", "forward", "backward", "clip", "optimizer", "sync", "other"):

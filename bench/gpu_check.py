@@ -90,10 +90,11 @@ def sync(device):
 
 def check(name: str, args, device: torch.device) -> dict:
     from meml.algo.losses import sequence_weights
+    from meml.algo.objective import LossSettings, TrainItem
     from meml.engines.base import SamplingParams
     from meml.engines.hf import HFEngine
     from meml.engines.model import compute_dtype
-    from meml.train.update import LossSettings, TrainItem, accumulate_gradients
+    from meml.train.update import accumulate_gradients
 
     dtype = compute_dtype("auto", device)
     if device.type == "cuda":

@@ -57,13 +57,14 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    from meml.algo.objective import TrainItem
     from meml.core.config import ModelConfig, _default_experts
     from meml.engines.base import SamplingParams
     from meml.engines.model import compute_dtype, load_policy, load_tokenizer, resolve_model_source
     from meml.engines.vllm import VLLMEngine
     from meml.tasks.arithmetic import generate
     from meml.tasks.experts import experts_from_config, prompt_ids
-    from meml.train.update import TrainItem, score_logprobs
+    from meml.train.forward import score_logprobs
 
     cfg = ModelConfig()
     source = resolve_model_source(cfg)

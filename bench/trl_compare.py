@@ -113,11 +113,11 @@ def trl_side(args) -> dict:
     from meml.engines.base import stop_token_ids
     from meml.engines.model import resolve_model_source
     from meml.tasks.experts import prompt_ids, user_message
-    from meml.train.session import open_session
+    from meml.train.session import open_workload
 
     out = tempfile.mkdtemp(prefix="trl-compare-trl-")
     cfg = load_config("grpo", meml_overrides(args, "hf", out))
-    s = open_session(cfg, "grpo", load_model=False)  # task, split, expert: no model
+    s = open_workload(cfg, "grpo")  # task, split, expert: no model
     expert = s.experts[0]
     questions = step_questions(s, args.steps)
     by_id = {q.id: q for q in questions}

@@ -52,16 +52,27 @@ def test_groups_need_not_be_contiguous():
     assert adv([1, 0, 0, 1], [0, 1, 0, 1]) == pytest.approx([0.5, -0.5, -0.5, 0.5])
 
 
-def _ep(q, e):
-    return Episode(q, e, 0, [1], [2], "", True)
+def _ep(q, e, slot, num_experts=2):
+    return Episode(q, e, slot * num_experts + e, slot, [1], [2], "", True)
 
 
 def test_grouping_per_expert_or_pooled_per_question():
-    eps = [_ep("a", 0), _ep("a", 1), _ep("b", 0), _ep("a", 0)]
+    eps = [_ep("a", 0, 0), _ep("a", 1, 0), _ep("b", 0, 1), _ep("a", 0, 0)]
     assert group_index(group_keys(eps, "expert")).tolist() == [0, 1, 2, 0]
     assert group_index(group_keys(eps, "question")).tolist() == [0, 0, 1, 0]
     with pytest.raises(ValueError):
         group_keys(eps, "nope")
+
+
+def test_a_question_drawn_twice_in_a_step_is_two_groups_with_two_baselines():
+    # question "a" in slots 0 and 2 (an epoch boundary): its draws are baselined apart
+    eps = [_ep("a", 0, 0), _ep("a", 0, 0), _ep("b", 0, 1), _ep("a", 0, 2), _ep("a", 0, 2)]
+    assert group_index(group_keys(eps, "expert")).tolist() == [0, 0, 1, 2, 2]
+    assert group_index(group_keys(eps, "question")).tolist() == [0, 0, 1, 2, 2]
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    a = group_advantages(rewards, group_index(group_keys(eps, "expert")), std_normalize=False, positive_only=False)
+    # one baseline for both draws (0.25) would give +0.75, -0.25, ..., -0.25, -0.25
+    assert a.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0, 0.0])
 
 
 def test_matches_a_slow_loop_oracle():

@@ -24,7 +24,7 @@ from meml.core.config import TaskConfig
 from meml.core.errors import DataError
 from meml.core.load import load_config, to_yaml
 from meml.tasks.registry import build_task
-from meml.train.session import open_session
+from meml.train.session import open_workload
 
 from conftest import tiny_overrides
 
@@ -345,7 +345,7 @@ def test_some_unreadable_gold_answers_are_a_warning(tmp_path, caplog):
     data = _generic_data(tmp_path / "data", rows)
     cfg = load_config(None, [f"task.path={data}", "task.name=generic", "sft.enabled=false", f"output_dir={tmp_path / 'out'}"])
     with caplog.at_level(logging.WARNING, logger="meml"):
-        s = open_session(cfg, load_model=False)
+        s = open_workload(cfg)
     assert len(s.train_examples) == len(rows)
     assert "the verifier cannot read 1 of 9 gold answers (11.1%), e.g. example 'data-train-8'" in caplog.text
 

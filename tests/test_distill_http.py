@@ -23,7 +23,7 @@ from meml.distill.http_client import ChatClient, TeacherHTTPError, looks_like_a_
 from meml.distill.output import done_pairs
 from meml.tasks.experts import experts_from_config
 from meml.tasks.traces import load_expert_traces
-from meml.train.session import open_session
+from meml.train.session import open_workload
 
 KEY = "sk-test-0123456789abcdef"
 KEY_ENV = "MEML_TEST_DISTILL_KEY"
@@ -133,7 +133,7 @@ def _overrides(tmp_path: Path, server: FakeChatServer | None = None, **extra) ->
 
 
 def _golds(tmp_path: Path) -> dict[str, str]:
-    s = open_session(load_config(None, _overrides(tmp_path)), load_model=False)
+    s = open_workload(load_config(None, _overrides(tmp_path)))
     return {e.question: e.answer for e in s.train_examples}
 
 
@@ -236,7 +236,7 @@ def test_rejection_sampling_keeps_first_verified_and_flags_the_rest(server, tmp_
     assert len(rows) == 8 and not any(r["verified"] for r in rows)
     # the trainer's loader re-verifies: flagged rows are dropped and counted
     cfg = load_config(None, _overrides(tmp_path))
-    s = open_session(cfg, load_model=False)
+    s = open_workload(cfg)
     experts = experts_from_config(cfg.experts)
     experts[0] = type(experts[0])(experts[0].name, experts[0].system_prompt, f"file:{out}")
     traces, report = load_expert_traces(s.task, experts[:1], s.train_examples[:4])
@@ -305,7 +305,7 @@ def test_an_expert_trains_on_the_written_file(server, tmp_path):
     out = tmp_path / "traces.jsonl"
     run_distill(load_config(None, _overrides(tmp_path, server)))
     cfg = load_config(None, [*_overrides(tmp_path), "sft.max_examples=4", f"experts.2.trace_source=file:{out}"])
-    s = open_session(cfg, load_model=False)
+    s = open_workload(cfg)
     assert s.trace_report["checker"] == {"source": f"file:{out}", "kept": 4, "dropped_unverified": 0, "unknown_question": 0}
     assert s.traces[(s.train_examples[0].id, 2)].startswith("Work it out.")
 

@@ -82,9 +82,9 @@ def test_self_teacher_keeps_the_first_verified_sample(tiny_model_dir, tmp_path, 
                         Generation([], f"The answer is {gold}.", True)])
         return out
 
-    from meml.train.session import open_session
+    from meml.train.session import open_workload
 
-    examples = open_session(cfg, load_model=False).train_examples[:3]
+    examples = open_workload(cfg).train_examples[:3]
     monkeypatch.setattr(HFEngine, "generate", fake_generate)
     report = run_distill(cfg)
     rows = _rows(tmp_path / "traces.jsonl")

@@ -11,7 +11,13 @@ import pytest
 from meml.core.config import EvalConfig, TaskConfig
 from meml.core.types import Example, Expert
 from meml.engines.base import Generation
-from meml.eval.evaluate import QuestionRecord, evaluate_batch, records_as_dicts, summarize
+from meml.eval.evaluate import (
+    Evaluator,
+    QuestionRecord,
+    evaluate_batch,
+    records_as_dicts,
+    summarize,
+)
 from meml.eval.metrics import pass_at_k
 from meml.tasks.registry import build_task
 
@@ -52,8 +58,10 @@ class ChatTokenizer:
 def fake_session(pass_k=(1, 2, 4), samples_group=2):
     cfg = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0, num_generations_per_expert=samples_group),
                           eval=EvalConfig(pass_k=list(pass_k), bootstrap_resamples=200, coverage_k=1), seed=0)
-    return SimpleNamespace(experts=EXPERTS, prompt=lambda ex, e: (ex.id, EXPERTS[e].name), engine=ScriptedEngine(),
-                           cfg=cfg, task=build_task(TaskConfig(name="arithmetic")), tokenizer=ChatTokenizer())
+    evaluator = Evaluator(ScriptedEngine(), ChatTokenizer(), EXPERTS, build_task(TaskConfig(name="arithmetic")),
+                          prompt=lambda ex, e: (ex.id, EXPERTS[e].name), temperature=1.0, top_p=1.0)
+    evaluator.cfg = cfg  # what the tests summarise with
+    return evaluator
 
 
 def test_greedy_summary_matches_hand_counts():

@@ -200,22 +200,22 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
     optimizer), simulated on CPU: an overflow is skipped by the scaler and lowers its scale
     without counting as bad, a non-finite loss is bad, and every next step still runs
     (a skip that bypassed the scaler would make its next unscale_ raise)."""
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
 
     import meml.train.update
+    from meml.algo.objective import LossSettings
     from meml.core.load import load_config
     from meml.train.session import make_optimizer
-    from meml.train.update import LossSettings, optimizer_step
+    from meml.train.update import Learner, optimizer_step
 
     accelerator = Accelerator(mixed_precision="fp16", cpu=True)
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**16), True
     model = torch.nn.Linear(2, 1, bias=False)
     cfg = load_config(None, [])
     optimizer, scheduler = make_optimizer(model.parameters(), 0.1, cfg, 10, accelerator)
-    s = SimpleNamespace(cfg=cfg, policy=model, tokenizer=SimpleNamespace(pad_token_id=0), accelerator=accelerator,
-                        counters={"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0})
+    counters = {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0}
+    learner = Learner(model, optimizer, scheduler, accelerator, pad_id=0, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                      grad_clip=cfg.optim.grad_clip, counters=counters, max_bad_steps=cfg.train.max_bad_steps)
     scale_of_input = {}
 
     def accumulate(model, items, settings, budget, pad_id, accelerator):
@@ -228,8 +228,8 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
     def step(x):
         scale_of_input["x"] = x
         before = model.weight.detach().clone()
-        stats = optimizer_step(s, optimizer, scheduler, [], LossSettings())
-        return stats["skipped"], not torch.equal(before, model.weight), dict(s.counters)
+        stats = optimizer_step(learner, [], LossSettings())
+        return stats["skipped"], not torch.equal(before, model.weight), dict(counters)
 
     assert step(1e36) == (1.0, False, {"bad_streak": 0, "skipped_updates": 1, "reward_failures": 0})  # x * 2**16 overflows
     assert accelerator.scaler.get_scale() == 2.0**15

@@ -10,7 +10,7 @@ from meml.core.types import Episode
 
 
 def ep(expert, reward, length=3, q="q1"):
-    return Episode(q, expert, expert, [1], list(range(length)), "", True, reward=reward,
+    return Episode(q, expert, expert, 0, [1], list(range(length)), "", True, reward=reward,
                    reward_breakdown={"correct": float(reward == 1.0)} if reward is not None else {})
 
 
@@ -57,7 +57,7 @@ def test_no_pair_with_fewer_than_two_scored_experts():
 
 
 def test_is_correct_falls_back_to_reward_without_a_verifier():
-    e = Episode("q", 0, 0, [1], [2], "", True, reward=1.0)
+    e = Episode("q", 0, 0, 0, [1], [2], "", True, reward=1.0)
     assert is_correct(e)
     e.reward = 0.3
     assert not is_correct(e)

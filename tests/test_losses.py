@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from meml.algo import losses
+from meml.algo.objective import sequence_weights
 
 
 def test_token_logprobs_by_hand():
@@ -76,14 +77,14 @@ def test_distribution_kl_by_hand():
     ],
 )
 def test_sequence_weights(aggregation, expected):
-    w = losses.sequence_weights(torch.tensor([2, 4]), aggregation, max_new_tokens=10)
+    w = sequence_weights(torch.tensor([2, 4]), aggregation, max_new_tokens=10)
     assert w.tolist() == pytest.approx(expected)
 
 
 def test_sequence_weights_with_global_counts():
-    w = losses.sequence_weights(torch.tensor([2]), "token_mean", 10, num_sequences=4, total_tokens=20)
+    w = sequence_weights(torch.tensor([2]), "token_mean", 10, num_sequences=4, total_tokens=20)
     assert w.tolist() == pytest.approx([1 / 20])
-    w = losses.sequence_weights(torch.tensor([2]), "seq_mean", 10, num_sequences=4, total_tokens=20)
+    w = sequence_weights(torch.tensor([2]), "seq_mean", 10, num_sequences=4, total_tokens=20)
     assert w.tolist() == pytest.approx([1 / 8])
 
 
@@ -99,7 +100,7 @@ def test_token_mean_aggregation_end_to_end_by_hand():
     logp = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     per_token = losses.reinforce_loss(logp, torch.tensor([1.0, -1.0]))
-    w = losses.sequence_weights(torch.tensor([2, 1]), "token_mean", 2).float()
+    w = sequence_weights(torch.tensor([2, 1]), "token_mean", 2).float()
     total = losses.weighted_sum(per_token, mask, w)
     assert total.item() == pytest.approx((1 + 2 - 3) / 3)
 

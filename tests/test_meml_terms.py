@@ -4,7 +4,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from meml.train.update import LossSettings, TrainItem, accumulate_gradients
+from meml.algo.objective import LossSettings, TrainItem
+from meml.train.update import accumulate_gradients
 
 STRONG_PROMPT = [1, 40, 41, 42, 43]
 WEAK_PROMPT = [1, 50, 51, 52]
@@ -69,7 +70,7 @@ def test_iml_kl_form_value_and_direction(model):
 
 def test_total_loss_is_pg_plus_weighted_iml_plus_weighted_sft(model):
     pg = TrainItem("pg", STRONG_PROMPT, ANSWER, weight=1.0 / len(ANSWER), advantage=0.75)
-    sft = TrainItem("sft", WEAK_PROMPT, [70, 71, 2], weight=1.0 / 3, coef=0.5)
+    sft = TrainItem("hsft", WEAK_PROMPT, [70, 71, 2], weight=1.0 / 3, coef=0.5)
     iml = iml_item(coef=2.0)
     total = run(model, [pg, iml, sft])
     lp_pg = seq_logprob(model, STRONG_PROMPT, ANSWER)
@@ -80,7 +81,7 @@ def test_total_loss_is_pg_plus_weighted_iml_plus_weighted_sft(model):
     l_sft = -lp_sft / 3
     assert total["pg_loss"] == pytest.approx(l_pg, rel=1e-5)
     assert total["iml_loss"] == pytest.approx(l_iml, rel=1e-5)
-    assert total["sft_loss"] == pytest.approx(l_sft, rel=1e-5)
+    assert total["hsft_loss"] == pytest.approx(l_sft, rel=1e-5)
     assert total["loss"] == pytest.approx(l_pg + 2.0 * l_iml + 0.5 * l_sft, rel=1e-5)
     grads_total = {n: p.grad.clone() for n, p in model.named_parameters()}
     # gradient of the sum = sum of the gradients of the terms taken separately

@@ -5,7 +5,8 @@ import pytest
 import meml.train.rl_step as riel
 from meml.core.load import load_config
 from meml.engines.base import Generation
-from meml.train.session import make_optimizer, open_session
+from meml.train.loop import make_learner
+from meml.train.session import open_session
 
 from conftest import tiny_overrides
 
@@ -48,15 +49,14 @@ def test_rl_step_pairs_weak_and_strong_experts_and_pushes_hard_examples(session,
     captured = []
     real_step = riel.optimizer_step
 
-    def spy(s_, opt, sched, items, settings):
+    def spy(learner, items, settings):
         captured.append(list(items))
-        return real_step(s_, opt, sched, items, settings)
+        return real_step(learner, items, settings)
 
     monkeypatch.setattr(riel, "optimizer_step", spy)
-    optimizer, scheduler = make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
-    metrics = riel.rl_step(s, 1, optimizer, scheduler, None)
+    metrics = riel.rl_step(s, 1, make_learner(s, 1e-4, 2), None)
 
-    questions = riel.question_batch(s, 1)
+    questions = [d.example for d in riel.question_batch(s.train_examples, s.cfg.seed, 1, s.cfg.train.questions_per_step)]
     assert metrics["iml/fired"] == len(questions) == metrics["rescued"]
     assert metrics["iml/strong/algebraist"] == len(questions) and metrics["iml/weak/tutor"] == len(questions)
     assert metrics["correct/algebraist"] == 1.0 and metrics["correct/tutor"] == 0.0
@@ -79,9 +79,8 @@ def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
     s.buffer.capacity = 3
     captured = []
     real_step = riel.optimizer_step
-    monkeypatch.setattr(riel, "optimizer_step", lambda *a: captured.append(list(a[3])) or real_step(*a))
-    optimizer, scheduler = make_optimizer(s.policy.parameters(), 1e-4, s.cfg, 2)
-    metrics = riel.rl_step(s, 1, optimizer, scheduler, None)
-    sft = [it for it in captured[0] if it.kind == "sft"]
+    monkeypatch.setattr(riel, "optimizer_step", lambda *a: captured.append(list(a[1])) or real_step(*a))
+    metrics = riel.rl_step(s, 1, make_learner(s, 1e-4, 2), None)
+    sft = [it for it in captured[0] if it.kind == "hsft"]
     assert len(sft) == 4 and len(s.buffer) == 0 and metrics["hsft/flushes"] == 1
     assert metrics["hsft/loss"] > 0

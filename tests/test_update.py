@@ -5,15 +5,9 @@ import torch
 from accelerate import Accelerator
 
 from meml.algo import losses
-from meml.train.update import (
-    LossSettings,
-    TrainItem,
-    _cache_argument,
-    accumulate_gradients,
-    collate,
-    micro_batches,
-    response_logits,
-)
+from meml.algo.objective import LossSettings, TrainItem
+from meml.train.forward import _cache_argument, collate, micro_batches, response_logits
+from meml.train.update import accumulate_gradients
 
 
 @pytest.fixture(scope="module")

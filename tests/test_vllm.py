@@ -128,7 +128,8 @@ class TestOneFp32Engine:
         assert all(group[0].token_ids == group[1].token_ids for group in greedy)
 
     def test_sampling_logprobs_are_the_policys(self, fp32_pair, prompts, smollm2):
-        from meml.train.update import TrainItem, score_logprobs
+        from meml.algo.objective import TrainItem
+        from meml.train.forward import score_logprobs
 
         policy, _, vllm = fp32_pair
         out = vllm.generate(

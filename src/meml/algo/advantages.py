@@ -1,8 +1,8 @@
 """Advantages: a reward minus its group's mean, optionally divided by the group's std.
 
 Groups are explicit integer ids. Which episodes share a group is decided in one place,
-`group_keys`: per (question, expert) as in MEML-GRPO, or pooled over a question's
-experts. Rewards of None (a reward function failed or the verifier abstained) take no
+`group_keys`: per (draw of a question, expert) as in MEML-GRPO, or pooled over the
+experts of a draw. Rewards of None (a reward function failed or the verifier abstained) take no
 part in the baseline and get advantage 0.
 """
 
@@ -16,11 +16,13 @@ from meml.core.types import Episode
 
 
 def group_keys(episodes: Sequence[Episode], grouping: str) -> list[Hashable]:
-    """The baseline group of each episode: 'expert' -> (question, expert); 'question' -> question."""
+    """The baseline group of each episode: 'expert' -> its (draw, expert) group; 'question' ->
+    its draw of the question, pooled over the experts. A question drawn twice in a step is
+    two draws: two baselines."""
     if grouping == "expert":
-        return [(e.question_id, e.expert) for e in episodes]
+        return [e.group_id for e in episodes]
     if grouping == "question":
-        return [e.question_id for e in episodes]
+        return [e.slot for e in episodes]
     raise ValueError(f"advantage grouping '{grouping}': choose expert or question")
 
 

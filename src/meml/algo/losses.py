@@ -2,13 +2,18 @@
 
 Shapes: B sequences, T response positions, V vocabulary. `mask` (B, T) is 1 on response
 tokens and 0 on padding. Per-token losses are summed with per-sequence weights that hold
-the aggregation's normaliser (see `sequence_weights`), so a batch split into micro-batches
-gives exactly the gradient of the whole batch.
+the term's normaliser (algo/objective.py), so a batch split into micro-batches gives
+exactly the gradient of the whole batch. POLICY_LOSSES names the policy-gradient losses
+`algo.loss` chooses from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from meml.core.registry import Registry
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,34 +72,22 @@ def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) 
     return (t.exp() * (t - s)).sum(-1)
 
 
-def sequence_weights(
-    lengths: torch.Tensor,
-    aggregation: str,
-    max_new_tokens: int,
-    num_sequences: int | None = None,
-    total_tokens: int | None = None,
-) -> torch.Tensor:
-    """Per-token weight of each sequence so that sum(weight * token_loss) aggregates as asked.
-
-    lengths (N,): response tokens of this process's sequences. num_sequences and
-    total_tokens describe the whole batch being aggregated (across processes); they
-    default to this process's own.
-      token_mean: 1 / (total tokens)            every token counts equally
-      seq_mean:   1 / (N * length_i)            every sequence counts equally (GRPO paper)
-      constant:   1 / (N * max_new_tokens)      Dr.GRPO: no length bias
-    """
-    lengths = lengths.double()
-    n = num_sequences if num_sequences is not None else lengths.numel()
-    total = total_tokens if total_tokens is not None else float(lengths.sum())
-    if aggregation == "token_mean":
-        return torch.full_like(lengths, 1.0 / max(total, 1))
-    if aggregation == "seq_mean":
-        return 1.0 / (max(n, 1) * lengths.clamp(min=1))
-    if aggregation == "constant":
-        return torch.full_like(lengths, 1.0 / (max(n, 1) * max_new_tokens))
-    raise ValueError(f"aggregation '{aggregation}': choose token_mean, seq_mean or constant")
-
-
 def weighted_sum(token_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_b weights[b] * sum_t mask[b, t] * token_loss[b, t]. (B, T), (B, T), (B,) -> scalar."""
     return (token_loss * mask * weights.unsqueeze(-1)).sum()
+
+
+# A policy loss: (logp, behaviour logp, advantages, eps_low, eps_high) -> (per-token loss,
+# where the clip was active or None). behaviour is the policy the update is relative to.
+PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _reinforce(logp, behaviour, advantages, eps_low, eps_high):
+    return reinforce_loss(logp, advantages), None
+
+
+def _ppo_clip(logp, behaviour, advantages, eps_low, eps_high):
+    return ppo_clip_loss(logp, behaviour, advantages, eps_low, eps_high)
+
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("algo.loss", {"reinforce": _reinforce, "ppo_clip": _ppo_clip})

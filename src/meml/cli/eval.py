@@ -134,34 +134,33 @@ def run_eval(target: str | None, overrides: list[str], preset: str | None = None
         records_as_dicts,
         summarize,
     )
-    from meml.train.session import attach_model, open_session
+    from meml.train.session import attach_model, open_workload
 
     cfg, out, source = resolve(target, overrides, preset, task)
     cfg.sft.enabled = False  # no traces needed
     cfg.output_dir = str(out)
     cfg.log.backends = ["jsonl"]
-    s = open_session(cfg, preset, load_model=False)
+    work = open_workload(cfg, preset)
     settings = settings_of(cfg, source)
     check_settings(out, settings)
     records_path = out / "records.jsonl"
     done = read_records(records_path)
-    chunks = batches(s.eval_examples, cfg.eval.questions_per_batch)
+    chunks = batches(work.eval_examples, cfg.eval.questions_per_batch)
     todo = [(b, [ex for ex in chunk if ex.id not in done]) for b, chunk in enumerate(chunks)]
     todo = [(b, missing) for b, missing in todo if missing]
     if done:
-        log.info("resuming: %d of %d questions already in %s", sum(ex.id in done for ex in s.eval_examples), len(s.eval_examples), records_path)
-    if todo:
-        attach_model(s, source=source)
+        log.info("resuming: %d of %d questions already in %s", sum(ex.id in done for ex in work.eval_examples), len(work.eval_examples), records_path)
+    evaluator = attach_model(work, source=source).evaluator() if todo else None
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="eval", unit="batch", disable=not cfg.log.progress)
     for b, missing in todo:
-        records = evaluate_batch(s, missing, cfg.eval.max_new_tokens, cfg.eval.samples, batch_seed(cfg.seed, b))
+        records = evaluate_batch(evaluator, missing, cfg.eval.max_new_tokens, cfg.eval.samples, batch_seed(cfg.seed, b))
         with records_path.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records_as_dicts(records)))
         done.update((r.question_id, r) for r in records)
         bar.update(1)
     bar.close()
-    records = [done[ex.id] for ex in s.eval_examples]
-    summary = summarize(records, [e.name for e in s.experts], cfg.eval, cfg.rollout.num_generations_per_expert)
+    records = [done[ex.id] for ex in work.eval_examples]
+    summary = summarize(records, [e.name for e in work.experts], cfg.eval, cfg.rollout.num_generations_per_expert)
     (out / "summary.json").write_text(json.dumps({**summary, "settings": settings}, indent=1))
     for k, v in summary.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")

@@ -58,12 +58,15 @@ class Verdict:
 class Episode:
     """One sampled completion and everything the update needs to know about it.
 
-    Group ids are explicit: `group_id` numbers the (question, expert) groups of one step.
+    Group ids are explicit: `slot` is the position of the question's draw in the step's
+    batch (a question drawn twice has two slots), `group_id` numbers the (slot, expert)
+    groups of the step. Baselines, IML and HSFT group by these, never by question id.
     """
 
     question_id: str
     expert: int  # index into the run's expert list
-    group_id: int
+    group_id: int  # the (slot, expert) group
+    slot: int  # the draw of the question in the step
     prompt_ids: list[int]
     completion_ids: list[int]
     completion: str

@@ -54,7 +54,7 @@ def teacher_label(cfg: Config) -> str:
 
 def run_distill(cfg: Config, preset: str | None = None) -> dict:
     """Distil traces into the output file; returns the report per expert."""
-    from meml.train.session import open_session
+    from meml.train.session import open_workload
 
     cfg = copy.deepcopy(cfg)
     d = cfg.distill
@@ -64,7 +64,7 @@ def run_distill(cfg: Config, preset: str | None = None) -> dict:
     check_endpoint(d.base_url if d.teacher == "openai" else None, d.api_key_env)  # before the config is logged or saved
     limit = d.max_examples or cfg.sft.max_examples
     cfg.sft.enabled = False  # an expert's file: source may be the very file this run writes
-    s = open_session(cfg, preset, load_model=False)
+    s = open_workload(cfg, preset)
     experts = _chosen_experts(s, d.experts)
     examples = s.train_examples[:limit] if limit else s.train_examples
     path = Path(d.output) if d.output else s.run_dir / "traces.jsonl"
@@ -116,8 +116,8 @@ def _local_teacher(cfg: Config, s):
     if cfg.distill.teacher == "self":
         from meml.train.session import attach_model
 
-        attach_model(s)
-        return s.engine, lambda pair: s.prompt(pair.example, pair.expert_index)
+        session = attach_model(s)
+        return session.engine, lambda pair: session.prompt(pair.example, pair.expert_index)
 
     import dataclasses
 

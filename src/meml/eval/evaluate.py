@@ -23,14 +23,16 @@ out of every accuracy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from meml.core.config import EvalConfig
-from meml.core.types import Example
-from meml.engines.base import SamplingParams
+from meml.core.types import Example, Expert
+from meml.engines.base import Engine, SamplingParams
 from meml.eval.metrics import compute_matched_coverage, majority_vote, pass_at_k, zero_signal
+from meml.tasks.base import Task
 from meml.tasks.experts import render_prompt
 
 log = logging.getLogger("meml")
@@ -93,32 +95,45 @@ def _vote(task, example: Example, answers: list[Answer]) -> tuple[str | None, fl
 # ----------------------------------------------------------------------------- generation
 
 
-def evaluate_batch(s, examples: list[Example], max_new_tokens: int, samples: int = 0, seed: int = 0) -> list[QuestionRecord]:
+@dataclass
+class Evaluator:
+    """What an evaluation needs: an engine to generate with, the experts and how their
+    prompts are tokenized, the task's judge, and the sampling settings of eval.samples."""
+
+    engine: Engine
+    tokenizer: object
+    experts: list[Expert]
+    task: Task
+    prompt: Callable[[Example, int], list[int]]  # (example, expert index) -> prompt token ids
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def evaluate_batch(ev: Evaluator, examples: list[Example], max_new_tokens: int, samples: int = 0, seed: int = 0) -> list[QuestionRecord]:
     """Greedy (and, with samples > 0, sampled) answers of every expert to `examples`."""
-    num_experts = len(s.experts)
-    prompts = [s.prompt(ex, e) for ex in examples for e in range(num_experts)]
-    greedy = s.engine.generate(prompts, SamplingParams(1, 0.0, 1.0, max_new_tokens))
+    num_experts = len(ev.experts)
+    prompts = [ev.prompt(ex, e) for ex in examples for e in range(num_experts)]
+    greedy = ev.engine.generate(prompts, SamplingParams(1, 0.0, 1.0, max_new_tokens))
     sampled = [[] for _ in prompts]
     if samples:
-        r = s.cfg.rollout
-        sampled = s.engine.generate(prompts, SamplingParams(samples, r.temperature, r.top_p, max_new_tokens, seed))
+        sampled = ev.engine.generate(prompts, SamplingParams(samples, ev.temperature, ev.top_p, max_new_tokens, seed))
 
     def score(g, ex) -> Answer:
-        verdict = s.task.verify(g.text, ex, g.finished)
+        verdict = ev.task.verify(g.text, ex, g.finished)
         return Answer(g.text, verdict.extracted, verdict.score, g.finished)
 
     records = []
     for q, ex in enumerate(examples):
         experts = {}
-        for e, expert in enumerate(s.experts):
+        for e, expert in enumerate(ev.experts):
             i = q * num_experts + e
-            text = render_prompt(s.tokenizer, expert, ex, s.task.format_instruction)
+            text = render_prompt(ev.tokenizer, expert, ex, ev.task.format_instruction)
             experts[expert.name] = ExpertAnswers(text, score(greedy[i][0], ex), [score(g, ex) for g in sampled[i]])
         rec = QuestionRecord(ex.id, ex.question, ex.answer, experts)
         if not rec.abstained:
-            rec.majority, rec.majority_score = _vote(s.task, ex, [x.greedy for x in experts.values()])
+            rec.majority, rec.majority_score = _vote(ev.task, ex, [x.greedy for x in experts.values()])
             if samples:
-                rec.majority_sampled, rec.majority_sampled_score = _vote(s.task, ex, [a for x in experts.values() for a in x.samples])
+                rec.majority_sampled, rec.majority_sampled_score = _vote(ev.task, ex, [a for x in experts.values() for a in x.samples])
         records.append(rec)
     return records
 
@@ -132,15 +147,14 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 1_000_003 + 7919 * (batch_index + 1)
 
 
-def greedy_eval(s, examples: list[Example], max_new_tokens: int, samples: int = 0) -> tuple[dict, list[QuestionRecord]]:
-    """Summary and one record per question, in memory (the trainer's evaluation).
-
-    Greedy accuracy per expert; with samples > 0 also the sampled figures.
-    """
+def evaluate_examples(ev: Evaluator, examples: list[Example], cfg: EvalConfig, group_size: int, seed: int) -> tuple[dict, list[QuestionRecord]]:
+    """Summary and one record per question, in memory (the trainer's evaluation): greedy
+    accuracy per expert, and with cfg.samples > 0 the sampled figures; group_size is G of
+    the zero-signal estimates."""
     records = []
-    for b, chunk in enumerate(batches(examples, s.cfg.eval.questions_per_batch)):
-        records.extend(evaluate_batch(s, chunk, max_new_tokens, samples, batch_seed(s.cfg.seed, b)))
-    return summarize(records, [e.name for e in s.experts], s.cfg.eval, s.cfg.rollout.num_generations_per_expert), records
+    for b, chunk in enumerate(batches(examples, cfg.questions_per_batch)):
+        records.extend(evaluate_batch(ev, chunk, cfg.max_new_tokens, cfg.samples, batch_seed(seed, b)))
+    return summarize(records, [e.name for e in ev.experts], cfg, group_size), records
 
 
 def records_as_dicts(records: list[QuestionRecord]) -> list[dict]:

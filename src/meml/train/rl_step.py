@@ -1,15 +1,18 @@
-"""One step of stage 2 (RIEL; GRPO / Dr.GRPO when there is one expert and IML/HSFT are off).
+"""One step of stage 2: MEML-GRPO's RIEL, or GRPO / Dr.GRPO (one expert, IML and HSFT off).
 
   1. take the step's questions (a seeded shuffle; each process gets its share)
   2. roll out G answers per (question, expert) under the expert's system prompt
   3. score them with the verifier and any reward functions
-  4. advantages: reward minus its group's mean (group = (question, expert) by default)
-  5. IML: per question, the strongest expert's best answer is taught to the weakest
-  6. HSFT: gold solutions of questions an expert failed go to the buffer; a full buffer
-     adds an SFT term to this step's loss and is emptied
-  7. one update on L = L_PG + lambda1 * L_IML + lambda2 * L_SFT, then the rollout engine
-     is synced to the new weights
-docs/ALGORITHM.md has the details and every decision beyond the paper.
+  4. advantages: reward minus its group's mean (group: one draw of a question under one
+     expert, by default)
+  5. IML: per question drawn, the strongest expert's best answer is taught to the weakest
+  6. HSFT: gold solutions of groups with too many wrong answers go to the buffer; a full
+     buffer adds its SFT term to this step's loss and is emptied
+  7. one update on L = L_PG + lambda1 L_IML + lambda2 L_HSFT (algo/objective.py), then the
+     rollout engine is synced to the new weights
+A question can be drawn twice in one step (an epoch boundary, a small dataset): each draw
+is its own slot, with its own groups, samples and pushes. docs/ALGORITHM.md has the
+details and every decision beyond the paper.
 """
 
 from __future__ import annotations
@@ -17,28 +20,44 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
 
+from meml.algo import objective
 from meml.algo.advantages import group_advantages, group_index, group_keys
 from meml.algo.hsft import HardExample, should_push
 from meml.algo.iml import IMLPair, is_correct, select_pair
-from meml.algo.losses import sequence_weights
-from meml.core.types import Episode, Example
-from meml.engines.base import SamplingParams, prompt_seed
+from meml.algo.objective import LossSettings
+from meml.core.config import Config, RolloutConfig
+from meml.core.types import Episode, Example, Expert
+from meml.engines.base import Engine, SamplingParams, prompt_seed
 from meml.tasks.experts import response_ids
 from meml.tasks.rewards import score_episodes
+from meml.train.forward import score_logprobs
 from meml.train.session import Session, global_sum, sync_rollout_weights
 from meml.train.step_metrics import rl_metrics
-from meml.train.update import LossSettings, TrainItem, optimizer_step, score_logprobs
+from meml.train.update import Learner, optimizer_step
 
 
-def rl_step(s: Session, step: int, optimizer, scheduler, reference) -> dict:
+@dataclass(frozen=True)
+class Draw:
+    """One question drawn for a step: its position in the step's batch (over all processes)
+    and how many times it was drawn earlier in the same step (0 almost always)."""
+
+    slot: int
+    example: Example
+    repeat: int = 0
+
+
+def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     cfg = s.cfg
     t0 = time.perf_counter()
-    questions = question_batch(s, step)
-    episodes = roll_out(s, questions, step)
+    draws = question_batch(s.train_examples, cfg.seed, step, cfg.train.questions_per_step,
+                           s.accelerator.process_index, s.accelerator.num_processes)
+    episodes = roll_out(s.engine, s.prompt, draws, len(s.experts), cfg.rollout, cfg.seed, step)
     t_gen = time.perf_counter()
     reward_stats = score_episodes(episodes, s.examples_by_id, s.task, [e.name for e in s.experts],
                                   s.task.format_instruction, cfg.reward.use_verifier, s.reward_functions, cfg.reward.timeout_s)
@@ -46,76 +65,79 @@ def rl_step(s: Session, step: int, optimizer, scheduler, reference) -> dict:
     rewards = torch.tensor([float("nan") if e.reward is None else e.reward for e in episodes])  # (N,)
     groups = group_index(group_keys(episodes, cfg.algo.advantage_grouping))  # (N,)
     advantages = group_advantages(rewards, groups, cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
-    by_question = _by_question(episodes)
-    pairs = [p for eps in by_question.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))] if cfg.algo.iml.enabled else []
-    pushed = push_hard_examples(s, questions, by_question, step) if cfg.algo.hsft.enabled else []
-    flushed = _flush_buffer(s)
+    by_slot = episodes_by_slot(episodes)
+    pairs = [p for eps in by_slot.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))] if cfg.algo.iml.enabled else []
+    pushed = []
+    if cfg.algo.hsft.enabled:
+        pushed = hard_examples(draws, by_slot, s.experts, cfg, step, lambda ex, e, eps: gold_response(s, ex, e, eps), s.prompt)
+        for item in gather_object(pushed) if s.accelerator.num_processes > 1 else pushed:
+            s.buffer.push(item)
+    flushed = s.buffer.flush()[s.accelerator.process_index :: s.accelerator.num_processes] if s.buffer.ready() else []
     t_score = time.perf_counter()
-    stats = update_policy(s, optimizer, scheduler, episodes, advantages, pairs, flushed, reference, step)
+    stats = update_policy(s, learner, episodes, advantages, pairs, flushed, reference, step, num_draws=len(by_slot))
     sync_rollout_weights(s)
     t_end = time.perf_counter()
     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
         log_samples(s, episodes, step)
     timing = {"step_time_s": t_end - t0, "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_end - t_score}
-    return rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats, reward_stats, timing)
+    return rl_metrics(episodes, advantages, pairs, pushed, s.buffer, stats, reward_stats, timing, [e.name for e in s.experts], s.accelerator)
 
 
-def question_batch(s: Session, step: int) -> list[Example]:
+def question_batch(examples: list[Example], seed: int, step: int, per_step: int, rank: int = 0, world: int = 1) -> list[Draw]:
     """This process's share of the 1-based step's questions (a seeded shuffle per epoch)."""
-    per_step = s.cfg.train.questions_per_step
-    n = len(s.train_examples)
+    n = len(examples)
     start = (step - 1) * per_step
-    chosen = []
-    for pos in range(start, start + per_step):
+    chosen: list[Draw] = []
+    for slot, pos in enumerate(range(start, start + per_step)):
         epoch, i = divmod(pos, n)
         order = list(range(n))
-        random.Random(f"{s.cfg.seed}:questions:{epoch}").shuffle(order)
-        chosen.append(s.train_examples[order[i]])
-    return chosen[s.accelerator.process_index :: s.accelerator.num_processes]
+        random.Random(f"{seed}:questions:{epoch}").shuffle(order)
+        example = examples[order[i]]
+        chosen.append(Draw(slot, example, sum(d.example.id == example.id for d in chosen)))
+    return chosen[rank::world]
 
 
-def roll_out(s: Session, questions: list[Example], step: int) -> list[Episode]:
-    """G answers per (question, expert); group ids number the (question, expert) pairs."""
-    cfg = s.cfg.rollout
-    pairs = [(q, e) for q in questions for e in range(len(s.experts))]
-    prompts = [s.prompt(q, e) for q, e in pairs]
-    params = SamplingParams(cfg.num_generations_per_expert, cfg.temperature, cfg.top_p, cfg.max_new_tokens, s.cfg.seed)
-    # one seed per (question, expert): samples do not depend on batching or the process count
-    seeds = [prompt_seed(s.cfg.seed, step, q.id, e) for q, e in pairs]
-    generations = s.engine.generate(prompts, params, seeds)
+def roll_out(engine: Engine, prompt: Callable[[Example, int], list[int]], draws: list[Draw], num_experts: int,
+             cfg: RolloutConfig, seed: int, step: int) -> list[Episode]:
+    """G answers per (draw, expert); the group id numbers the (slot, expert) pairs."""
+    pairs = [(d, e) for d in draws for e in range(num_experts)]
+    prompts = [prompt(d.example, e) for d, e in pairs]
+    params = SamplingParams(cfg.num_generations_per_expert, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed)
+    # one seed per (question, expert, repeat): samples do not depend on batching or the process count
+    seeds = [prompt_seed(seed, step, d.example.id, e, *([d.repeat] if d.repeat else [])) for d, e in pairs]
+    generations = engine.generate(prompts, params, seeds)
     episodes = []
-    for group_id, ((q, e), prompt, group) in enumerate(zip(pairs, prompts, generations)):
+    for (d, e), prompt_ids, group in zip(pairs, prompts, generations):
         for g in group:
-            episodes.append(Episode(q.id, e, group_id, prompt, g.token_ids, g.text, g.finished, g.logprobs))
+            episodes.append(Episode(d.example.id, e, d.slot * num_experts + e, d.slot, prompt_ids, g.token_ids, g.text, g.finished, g.logprobs))
     return episodes
 
 
-def _by_question(episodes: list[Episode]) -> dict[str, list[Episode]]:
-    out: dict[str, list[Episode]] = {}
+def episodes_by_slot(episodes: list[Episode]) -> dict[int, list[Episode]]:
+    out: dict[int, list[Episode]] = {}
     for e in episodes:
-        out.setdefault(e.question_id, []).append(e)
+        out.setdefault(e.slot, []).append(e)
     return out
 
 
-def push_hard_examples(s: Session, questions: list[Example], by_question: dict[str, list[Episode]], step: int) -> list[HardExample]:
-    """Push gold solutions of (question, expert) groups with more than K wrong answers."""
-    h = s.cfg.algo.hsft
-    G = s.cfg.rollout.num_generations_per_expert
+def hard_examples(draws: list[Draw], by_slot: dict[int, list[Episode]], experts: list[Expert], cfg: Config, step: int,
+                  gold: Callable[[Example, int, list[Episode]], list[int] | None],
+                  prompt: Callable[[Example, int], list[int]]) -> list[HardExample]:
+    """Gold solutions of the (draw, expert) groups with more than K of G answers wrong, each
+    pushed with probability p (algo/hsft.py); the draws come from an RNG keyed by the
+    question and expert, so they do not depend on the process count."""
+    h, G = cfg.algo.hsft, cfg.rollout.num_generations_per_expert
     pushed = []
-    for q in questions:
-        eps = by_question[q.id]
-        for e in range(len(s.experts)):
-            rng = random.Random(f"{s.cfg.seed}:hsft:{step}:{q.id}:{e}")  # independent of the process count
-            group = [x for x in eps if x.expert == e]
-            wrong = sum(1 for x in group if x.reward is not None and not is_correct(x))
+    for d in draws:
+        eps = by_slot[d.slot]
+        for e in range(len(experts)):
+            rng = random.Random(f"{cfg.seed}:hsft:{step}:{d.example.id}:{e}" + (f":{d.repeat}" if d.repeat else ""))
+            wrong = sum(1 for x in eps if x.expert == e and x.reward is not None and not is_correct(x))
             if not should_push(wrong, G, h.max_wrong, h.push_prob, rng):
                 continue
-            response = gold_response(s, q, e, eps)
+            response = gold(d.example, e, eps)
             if response is not None:
-                pushed.append(HardExample(q.id, e, s.prompt(q, e), response))
-    everyone = gather_object(pushed) if s.accelerator.num_processes > 1 else pushed
-    for item in everyone:
-        s.buffer.push(item)
+                pushed.append(HardExample(d.example.id, e, prompt(d.example, e), response))
     return pushed
 
 
@@ -130,79 +152,60 @@ def gold_response(s: Session, q: Example, expert: int, episodes: list[Episode]) 
     return min(correct, key=lambda e: len(e.completion_ids)).completion_ids if correct else None
 
 
-def _flush_buffer(s: Session) -> list[HardExample]:
-    if not s.buffer.ready():
-        return []
-    items = s.buffer.flush()
-    return items[s.accelerator.process_index :: s.accelerator.num_processes]
-
-
-def update_policy(s: Session, optimizer, scheduler, episodes, advantages, pairs: list[IMLPair], hard: list[HardExample], reference, step: int) -> dict:
-    """L = L_PG + lambda1 L_IML + lambda2 L_SFT; PPO epochs/mini-batches when configured.
+def update_policy(s: Session, learner: Learner, episodes: list[Episode], advantages: torch.Tensor, pairs: list[IMLPair],
+                  hard: list[HardExample], reference, step: int, num_draws: int) -> dict:
+    """L = L_PG + lambda1 L_IML + lambda2 L_HSFT; PPO epochs/mini-batches when configured.
 
     IML and HSFT terms join the first optimizer step of the batch only.
     """
-    a = s.cfg.algo
+    a, cfg = s.cfg.algo, s.cfg
     settings = LossSettings(a.loss, a.clip_eps_low, a.clip_eps_high, a.kl_coef, a.tis_cap)
     order = list(range(len(episodes)))
     if a.mini_batches > 1:
-        random.Random(f"{s.cfg.seed}:minibatch:{step}").shuffle(order)
+        random.Random(f"{cfg.seed}:minibatch:{step}").shuffle(order)
     chunks = [order[c :: a.mini_batches] for c in range(a.mini_batches)]
-    pg = [policy_items(s, episodes, advantages, chunk, drop_zero=a.kl_coef == 0) for chunk in chunks]
+    pg = []
+    for chunk in chunks:
+        lengths = sum(len(episodes[i].completion_ids) for i in chunk)
+        n_global, tokens_global = global_sum(s, [len(chunk), float(lengths)])
+        pg.append(objective.policy_items(episodes, advantages, chunk, a.aggregation, cfg.rollout.max_new_tokens,
+                                         int(n_global), tokens_global, drop_zero=a.kl_coef == 0))
     flat = [it for chunk in pg for it in chunk]
+    pad, budget, autocast = s.tokenizer.pad_token_id, cfg.train.micro_batch_tokens, s.accelerator.autocast
     if a.loss == "ppo_clip" and (a.ppo_epochs > 1 or a.mini_batches > 1):
-        score_logprobs(s.policy, flat, s.cfg.train.micro_batch_tokens, s.tokenizer.pad_token_id, s.accelerator.autocast, "old_logprobs")
+        score_logprobs(s.policy, flat, budget, pad, autocast, "old_logprobs")
     if reference is not None:
-        score_logprobs(reference, flat, s.cfg.train.micro_batch_tokens, s.tokenizer.pad_token_id, s.accelerator.autocast, "ref_logprobs")
-    extra = iml_items(s, pairs, len({e.question_id for e in episodes})) + hsft_items(s, hard)
+        score_logprobs(reference, flat, budget, pad, autocast, "ref_logprobs")
+    extra = iml_items(s, pairs, num_draws) + hsft_items(s, hard)
     totals: dict[str, float] = {}
     updates = 0
     for epoch in range(a.ppo_epochs):
         for c, chunk_items in enumerate(pg):
             items = chunk_items + (extra if epoch == 0 and c == 0 else [])
-            stats = optimizer_step(s, optimizer, scheduler, items, settings)
+            stats = optimizer_step(learner, items, settings)
             updates += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
-    averaged = {k: v / updates for k, v in totals.items() if k not in ("iml_loss", "sft_loss")}
-    averaged["iml_loss"] = totals.get("iml_loss", 0.0)  # added once, in the first update
-    averaged["sft_loss"] = totals.get("sft_loss", 0.0)
-    averaged["skipped"] = totals.get("skipped", 0.0)
+    once = ("iml_loss", "hsft_loss", "skipped")  # added once (in the first update) or counted, not averaged
+    averaged = {k: v / updates for k, v in totals.items() if k not in once}
+    averaged.update({k: totals.get(k, 0.0) for k in once})
     return averaged
 
 
-def policy_items(s: Session, episodes: list[Episode], advantages: torch.Tensor, idx: list[int], drop_zero: bool) -> list[TrainItem]:
-    """Policy-gradient items; the aggregation normaliser counts every sequence of the batch,
-    but sequences with zero advantage (and no KL term) carry no gradient and are skipped."""
-    lengths = torch.tensor([len(episodes[i].completion_ids) for i in idx])
-    n_global, tok_global = global_sum(s, [len(idx), float(lengths.sum())])
-    weights = sequence_weights(lengths, s.cfg.algo.aggregation, s.cfg.rollout.max_new_tokens, int(n_global), int(tok_global))
-    items = [TrainItem("pg", episodes[i].prompt_ids, episodes[i].completion_ids, weight=float(w), advantage=float(advantages[i]),
-                       sample_logprobs=None if episodes[i].sample_logprobs is None else torch.tensor(episodes[i].sample_logprobs))
-             for i, w in zip(idx, weights)]
-    return [it for it in items if it.advantage != 0 and it.response_ids] if drop_zero else [it for it in items if it.response_ids]
-
-
-def iml_items(s: Session, pairs: list[IMLPair], num_questions: int) -> list[TrainItem]:
-    """-(1/|O+|) sum_t log p(O+_t | P_E-, q, O+_<t), averaged over the batch's questions (or the fired ones)."""
+def iml_items(s: Session, pairs: list[IMLPair], num_draws: int) -> list[objective.TrainItem]:
     c = s.cfg.algo.iml
-    n_questions, n_fired = global_sum(s, [num_questions, len(pairs)])
+    n_draws, n_fired = global_sum(s, [num_draws, len(pairs)])
     if not pairs:
         return []
-    norm = n_questions if c.normalize == "batch" else n_fired
-    items = []
-    for p in pairs:
-        q = s.examples_by_id[p.question_id]
-        teacher = s.prompt(q, p.strong) if c.form == "kl" else None
-        resp = p.answer.completion_ids
-        items.append(TrainItem("iml", s.prompt(q, p.weak), resp, weight=1.0 / (len(resp) * norm), coef=c.weight, teacher_prompt_ids=teacher))
-    return items
+    examples = [s.examples_by_id[p.question_id] for p in pairs]
+    weak = [s.prompt(q, p.weak) for q, p in zip(examples, pairs)]
+    teachers = [s.prompt(q, p.strong) if c.form == "kl" else None for q, p in zip(examples, pairs)]
+    return objective.iml_items(pairs, weak, teachers, c.weight, n_draws if c.normalize == "batch" else n_fired)
 
 
-def hsft_items(s: Session, hard: list[HardExample]) -> list[TrainItem]:
-    """lambda2 * mean over buffer items of their token-mean NLL."""
+def hsft_items(s: Session, hard: list[HardExample]) -> list[objective.TrainItem]:
     (n_global,) = global_sum(s, [len(hard)])
-    return [TrainItem("sft", h.prompt_ids, h.response_ids, weight=1.0 / (len(h.response_ids) * n_global), coef=s.cfg.algo.hsft.weight) for h in hard]
+    return objective.hsft_items(hard, s.cfg.algo.hsft.weight, n_global)
 
 
 def log_samples(s: Session, episodes: list[Episode], step: int) -> None:
@@ -214,5 +217,3 @@ def log_samples(s: Session, episodes: list[Episode], step: int) -> None:
             rec = {"step": step, "question_id": e.question_id, "expert": s.experts[e.expert].name, "reward": e.reward, "completion": e.completion}
             f.write(json.dumps(rec) + "\n")
             s.logger.log_text(f"samples/{s.experts[e.expert].name}", e.completion, step)
-
-

@@ -1,19 +1,18 @@
-"""Everything a run holds, built in an order that fails fast.
+"""What a run holds, built in an order that fails fast.
 
-`open_session` validates the config, checks that the rollout backend can run here, loads
-and checks the data (rows, and that the verifier can read the gold answers) and the reward
-functions, and only then loads the model (a typo or a malformed dataset row never costs a
-model load). Once the tokenizer is loaded, and before the weights are, every prompt is
-checked against the model's context. It returns a `Session` that both stages and
-evaluation use.
+`open_workload` validates the config (and each setting that names an implementation),
+checks that the rollout backend can run here, loads and checks the data (rows, and that
+the verifier can read the gold answers) and the reward functions: a `Workload`, with no
+model (a typo or a malformed dataset row never costs a model load). `attach_model` then
+loads the tokenizer, checks every prompt against the model's context, loads the weights
+and builds the rollout engine: a `Session`, which both stages and evaluation use.
+`open_session` does both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,47 +20,65 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
 
 from meml.algo.hsft import HardExampleBuffer
 from meml.core.config import Config
-from meml.core.errors import ConfigError, DataError, ModelLoadError
+from meml.core.errors import ModelLoadError
 from meml.core.load import to_dict, to_yaml
 from meml.core.types import Example, Expert
 from meml.engines import model as model_lib
+from meml.engines.base import Engine
 from meml.engines.factory import make_engine
+from meml.eval.evaluate import Evaluator
 from meml.tasks.base import Task, load_split
-from meml.tasks.experts import experts_from_config, prompt_ids, user_message
-from meml.tasks.inspect import unparsed_gold
+from meml.tasks.experts import experts_from_config, prompt_ids
 from meml.tasks.registry import build_task
 from meml.tasks.rewards import RewardFn, load_reward_function
 from meml.tasks.traces import load_expert_traces
+from meml.train import checkpoint as ckpt
 from meml.train.logger import MetricsLogger
+from meml.train.preflight import (
+    check_choices,
+    check_gold_answers,
+    check_prompt_lengths,
+    check_rollout_backend,
+)
 
 log = logging.getLogger("meml")
 
 
 @dataclass
-class Session:
+class Workload:
+    """What a run works on, loaded and checked before any model."""
+
     cfg: Config
     run_dir: Path
     task: Task
     experts: list[Expert]
     train_examples: list[Example]
     eval_examples: list[Example]
-    traces: dict[tuple[str, int], str]  # (question id, expert index) -> MEF trace
+    examples_by_id: dict[str, Example]
+    traces: dict[tuple[str, int], str]  # (question id, expert index) -> stage-1 trace
     trace_report: dict
     reward_functions: list[tuple[str, RewardFn, float]]
-    accelerator: object = None
-    tokenizer: object = None
-    policy: torch.nn.Module | None = None  # as prepared by accelerate (maybe DDP/FSDP-wrapped)
-    engine: object = None
-    logger: MetricsLogger | None = None
-    buffer: HardExampleBuffer | None = None
-    examples_by_id: dict[str, Example] = field(default_factory=dict)
+
+
+@dataclass
+class Session(Workload):
+    """A Workload with its model: the policy as accelerate prepared it (maybe DDP/FSDP-
+    wrapped), its tokenizer, the rollout engine, the logger, the HSFT buffer, the counters."""
+
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    policy: torch.nn.Module
+    engine: Engine
+    logger: MetricsLogger
+    buffer: HardExampleBuffer
     counters: dict[str, int] = field(default_factory=lambda: {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0})
     stop_requested: bool = False  # set by SIGTERM/SIGINT: save at the end of the step and exit
-    _prompt_cache: dict = field(default_factory=dict)
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -72,10 +89,15 @@ class Session:
         return self.accelerator.is_main_process
 
     def prompt(self, example: Example, expert: int) -> list[int]:
+        """The token ids of (expert, question): the same for sampling and training (cached)."""
         key = (example.id, expert)
         if key not in self._prompt_cache:
             self._prompt_cache[key] = prompt_ids(self.tokenizer, self.experts[expert], example, self.task.format_instruction)
         return self._prompt_cache[key]
+
+    def evaluator(self) -> Evaluator:
+        r = self.cfg.rollout
+        return Evaluator(self.engine, self.tokenizer, self.experts, self.task, self.prompt, r.temperature, r.top_p)
 
 
 def default_run_dir(preset: str | None) -> Path:
@@ -88,9 +110,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_session(cfg: Config, preset: str | None = None, load_model: bool = True) -> Session:
+def open_workload(cfg: Config, preset: str | None = None) -> Workload:
+    """Config, data and reward functions: everything that can be checked without the model."""
     seed_everything(cfg.seed)
-    # 1. data and reward functions: everything that can be checked without the model
+    check_choices(cfg)
     check_rollout_backend(cfg)
     task = build_task(cfg.task, lenient=cfg.reward.lenient)
     train = load_split(task, cfg.task, cfg.task.train_split, cfg.task.max_train_examples)
@@ -104,156 +127,45 @@ def open_session(cfg: Config, preset: str | None = None, load_model: bool = True
     weights = cfg.reward.weights or [1.0] * len(cfg.reward.functions)
     functions = [(path, load_reward_function(path), w) for path, w in zip(cfg.reward.functions, weights)]
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(preset)
-    session = Session(cfg, run_dir, task, experts, train, evals, traces, trace_report, functions)
-    session.examples_by_id = {e.id: e for e in train + evals}
-    if load_model:
-        attach_model(session)
-    return session
+    return Workload(cfg, run_dir, task, experts, train, evals, {e.id: e for e in train + evals}, traces, trace_report, functions)
 
 
-def attach_model(s: Session, source: str | None = None) -> None:
+def open_session(cfg: Config, preset: str | None = None) -> Session:
+    return attach_model(open_workload(cfg, preset))
+
+
+def attach_model(work: Workload, source: str | None = None) -> Session:
     """Load tokenizer and policy, wrap them with accelerate, build the rollout engine."""
-    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    cfg = s.cfg
+    cfg = work.cfg
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model_lib.compute_dtype(cfg.model.dtype, torch.device(device_type))
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    from accelerate.state import AcceleratorState
-
     # accelerate keeps the first mixed precision a process asked for; a second run in the
     # same process (a notebook, a test) must get its own. The process group is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    s.accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")  # cpu=True enables gloo multi-CPU
-    if s.is_main:
-        s.run_dir.mkdir(parents=True, exist_ok=True)
-        (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu")  # cpu=True enables gloo multi-CPU
+    if accelerator.is_main_process:
+        work.run_dir.mkdir(parents=True, exist_ok=True)
+        (work.run_dir / "config.yaml").write_text(to_yaml(cfg))
     source = source or model_source(cfg)
-    s.tokenizer = model_lib.load_tokenizer(cfg.model, source)
-    check_prompt_lengths(s, model_lib.context_length(cfg.model, source))  # before the weights load
+    tokenizer = model_lib.load_tokenizer(cfg.model, source)
+    fmt = work.task.format_instruction
+    check_prompt_lengths(cfg, work.task, work.experts, work.train_examples + work.eval_examples,
+                         lambda example, e: prompt_ids(tokenizer, work.experts[e], example, fmt),
+                         model_lib.context_length(cfg.model, source))  # before the weights load
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
-    s.engine = make_engine(cfg.rollout.backend, policy, s.tokenizer, dtype, cfg.rollout.sequences_per_generate,
-                           share_weights=not sharded(s), vllm=dataclasses.asdict(cfg.rollout.vllm))
-    s.policy = s.accelerator.prepare_model(policy)
-    s.logger = MetricsLogger(
-        s.run_dir, cfg.log.backends, to_dict(cfg), enabled=s.is_main, wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode
-    )
-    s.buffer = HardExampleBuffer(cfg.algo.hsft.buffer_size)
+    engine = make_engine(cfg.rollout.backend, policy, tokenizer, dtype, cfg.rollout.sequences_per_generate,
+                         share_weights=not sharded(accelerator), vllm=dataclasses.asdict(cfg.rollout.vllm))
+    logger = MetricsLogger(work.run_dir, cfg.log.backends, to_dict(cfg), enabled=accelerator.is_main_process,
+                           wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
     log.info("model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
-             cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, s.accelerator.num_processes)
-
-
-# ----------------------------------------------------------------------------- checks before the model loads
-
-GOLD_UNPARSED_WARN = 0.05  # warn when more than this share of a split's gold answers do not parse
-
-
-def check_rollout_backend(cfg: Config) -> None:
-    """rollout.backend=vllm needs the vllm package and a single process (checked without
-    importing vllm, which takes seconds)."""
-    if cfg.rollout.backend != "vllm":
-        return
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "rollout.backend=vllm: the vllm package is not installed here. GPU: pip install -e '.[vllm]'; "
-            "CPU: bash scripts/install-vllm-cpu.sh (docs/VLLM.md); or set rollout.backend=hf"
-        )
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if world.isdigit() and int(world) > 1:
-        raise ConfigError(
-            f"rollout.backend=vllm runs in single-process training only, and this run has WORLD_SIZE={world} "
-            "processes: set rollout.backend=hf for multi-process runs, or launch one process"
-        )
-
-
-def check_gold_answers(cfg: Config, task: Task, split: str, examples: list) -> None:
-    """The share of gold answers the task's verifier cannot read (as `meml data inspect`
-    reports it): a warning above GOLD_UNPARSED_WARN, an error when none parses and the
-    verifier is used (it would abstain on every answer: no reward, no accuracy)."""
-    unparsed = unparsed_gold(task, examples)
-    if not unparsed:
-        return
-    n, k = len(examples), len(unparsed)
-    first = next(e for e in examples if e.id == unparsed[0])
-    source = f" ({cfg.task.path})" if cfg.task.path else ""
-    head = (f"task '{task.name}'{source}, split '{split}': the verifier cannot read {k} of {n} gold answers "
-            f"({100 * k / n:.1f}%), e.g. example '{first.id}' with answer {first.answer!r}")
-    uses_verifier = cfg.reward.use_verifier or cfg.eval.before or cfg.eval.after or cfg.eval.every_steps > 0
-    if k == n and uses_verifier:
-        raise DataError(f"{head}: it would abstain on every answer, so no question could give a reward or count "
-                        "in accuracy. Check task.options.answer (the column) and task.options.verifier; "
-                        "`meml data inspect` shows the parse rate")
-    if k / n > GOLD_UNPARSED_WARN:
-        log.warning("%s: those questions give no reward (the verifier abstains); `meml data inspect` lists them", head)
-
-
-def check_prompt_lengths(s: Session, context: int | None) -> None:
-    """Every prompt plus the longest generation must fit the model's context: else an error
-    naming the longest example (no example is skipped silently). Only prompts that could
-    be too long are tokenized: a prompt has at most the tokens of a rendered short one plus
-    two per byte of its own text."""
-    if not context or s.tokenizer is None:
-        return
-    cfg = s.cfg
-    budgets = {"eval.max_new_tokens": cfg.eval.max_new_tokens}
-    if cfg.train.steps > 0:
-        budgets["rollout.max_new_tokens"] = cfg.rollout.max_new_tokens
-    field_name, max_new = max(budgets.items(), key=lambda kv: kv[1])
-    room = context - max_new
-    examples = list({e.id: e for e in s.train_examples + s.eval_examples}.values())
-    if not examples:
-        return
-    if room <= 0:
-        raise ConfigError(f"{field_name}={max_new} leaves no room for a prompt in the model's context of {context} tokens")
-    too_long: list[tuple[int, str, str]] = []  # (prompt tokens, example id, expert)
-    for i, expert in enumerate(s.experts):
-        base = len(s.prompt(examples[0], i))
-        for example in examples:
-            if base + 2 * len(user_message(example, s.task.format_instruction).encode()) <= room:
-                continue
-            n = len(s.prompt(example, i))
-            if n > room:
-                too_long.append((n, example.id, expert.name))
-    if too_long:
-        n, example_id, expert = max(too_long)
-        raise DataError(
-            f"task '{s.task.name}': the prompt of example '{example_id}' (expert '{expert}') has {n} tokens; with "
-            f"{field_name}={max_new} it needs {n + max_new} positions, more than the model's context of {context}. "
-            f"{len({i for _, i, _ in too_long})} example(s) are too long: shorten or drop them, lower {field_name}, "
-            "or use a model with a longer context"
-        )
-
-
-def check_resume_model(cfg: Config, checkpoint: Path | None) -> None:
-    """Before the model loads: a checkpoint holding a full fine-tune (model/config.json)
-    cannot be resumed with model.lora.enabled=true, nor a LoRA adapter
-    (model/adapter_config.json) without it. The model directory decides; the checkpoint's
-    config.yaml where the directory holds neither."""
-    if checkpoint is None:
-        return
-    model_dir = Path(checkpoint) / "model"
-    if (model_dir / "adapter_config.json").exists():
-        saved_lora = True
-    elif (model_dir / "config.json").exists():
-        saved_lora = False
-    else:
-        try:
-            saved = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text())
-            saved_lora = bool(saved["model"]["lora"]["enabled"])
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            return
-    if saved_lora == cfg.model.lora.enabled:
-        return
-    if saved_lora:
-        raise ConfigError(
-            f"model.lora.enabled=false, but checkpoint {checkpoint} holds a LoRA adapter (model/adapter_config.json): "
-            "resume it with model.lora.enabled=true and the same model.lora settings, or start a new run"
-        )
-    raise ConfigError(
-        f"model.lora.enabled=true, but checkpoint {checkpoint} holds a full fine-tune (model/config.json): "
-        "resume it with model.lora.enabled=false, or start a LoRA run in a new output_dir"
-    )
+             cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, accelerator.num_processes)
+    fields = {f.name: getattr(work, f.name) for f in dataclasses.fields(Workload)}
+    return Session(**fields, accelerator=accelerator, tokenizer=tokenizer, policy=accelerator.prepare_model(policy), engine=engine,
+                   logger=logger, buffer=HardExampleBuffer(cfg.algo.hsft.buffer_size))
 
 
 def model_source(cfg: Config) -> str:
@@ -262,8 +174,6 @@ def model_source(cfg: Config) -> str:
     model.name_or_path=runs/sft-1 sft.enabled=false` continues from a stage-1 run)."""
     path = Path(cfg.model.name_or_path).expanduser()
     if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
-        from meml.train import checkpoint as ckpt
-
         latest = ckpt.find_latest(path)
         if latest is None:
             raise ModelLoadError(f"model.name_or_path: run directory {path} has no valid checkpoint")
@@ -276,18 +186,18 @@ def model_source(cfg: Config) -> str:
     return model_lib.resolve_model_source(cfg.model)
 
 
-def sharded(s: Session) -> bool:
+def sharded(accelerator: Accelerator) -> bool:
     """Whether accelerate shards the policy (FSDP, DeepSpeed): full weights must be gathered."""
     from accelerate.utils import DistributedType
 
-    return s.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def sync_rollout_weights(s: Session) -> None:
     """Make the rollout engine sample from the policy's current weights.
 
     Under FSDP or DeepSpeed the full weights are gathered first (a collective call)."""
-    if sharded(s):
+    if sharded(s.accelerator):
         s.engine.load_state_dict(s.accelerator.get_state_dict(s.policy))
     else:
         s.engine.sync_weights(s.unwrapped)

@@ -2,9 +2,9 @@
 
   reward/mean, reward/<expert>          mean reward of the step's answers
   correct/mean, correct/<expert>        fraction of answers the verifier accepted
-  zero_signal_frac, zero_signal/<e>     (question, expert) groups whose rewards are all equal:
+  zero_signal_frac, zero_signal/<e>     (draw, expert) groups whose rewards are all equal:
                                         their advantage is 0 and they teach nothing
-  zero_signal_frac_question             questions whose pooled rewards are all equal
+  zero_signal_frac_question             draws of a question whose pooled rewards are all equal
   all_wrong_frac_question               questions with no correct answer from any expert
   rescued                               questions where expert 0 had no correct answer but
                                         another expert did
@@ -26,26 +26,27 @@ from meml.algo.iml import is_correct
 
 
 def _episode_rows(episodes, advantages) -> list[tuple]:
-    return [(e.question_id, e.expert, e.reward, is_correct(e), len(e.completion_ids), e.finished, float(a))
+    """(slot, expert, reward, correct, length, finished, advantage, group) per episode."""
+    return [(e.slot, e.expert, e.reward, is_correct(e), len(e.completion_ids), e.finished, float(a), e.group_id)
             for e, a in zip(episodes, advantages.tolist())]
 
 
-def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, reward_stats, timing: dict) -> dict:
-    multi = s.accelerator.num_processes > 1
+def rl_metrics(episodes, advantages, pairs, pushed, buffer, stats: dict, reward_stats, timing: dict, names: list[str], accelerator) -> dict:
+    """The step's metrics, over every process's episodes (gathered) and counts (summed)."""
+    multi = accelerator.num_processes > 1
     rows = gather_object(_episode_rows(episodes, advantages)) if multi else _episode_rows(episodes, advantages)
     pair_rows = gather_object([(p.strong, p.weak) for p in pairs]) if multi else [(p.strong, p.weak) for p in pairs]
     pushed_experts = gather_object([h.expert for h in pushed]) if multi else [h.expert for h in pushed]
     counts = [reward_stats.failures, reward_stats.abstentions]
-    failures, abstained = (s.accelerator.reduce(torch.tensor(counts, device=s.accelerator.device), "sum").tolist() if multi else counts)
-    names = [e.name for e in s.experts]
+    failures, abstained = (accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist() if multi else counts)
     m: dict[str, float] = {}
     valid = [r for r in rows if r[2] is not None]
     m["reward/mean"] = sum(r[2] for r in valid) / max(1, len(valid))
     m["correct/mean"] = sum(r[3] for r in rows) / max(1, len(rows))
-    groups: dict[tuple, list] = defaultdict(list)
-    questions: dict[str, list] = defaultdict(list)
+    groups: dict[int, list] = defaultdict(list)  # (draw, expert) groups
+    questions: dict[int, list] = defaultdict(list)  # draws of a question
     for r in rows:
-        groups[(r[0], r[1])].append(r)
+        groups[r[7]].append(r)
         questions[r[0]].append(r)
     zero = {k: len({x[2] for x in g if x[2] is not None}) <= 1 for k, g in groups.items()}
     m["zero_signal_frac"] = sum(zero.values()) / max(1, len(zero))
@@ -55,7 +56,7 @@ def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, rew
         mine = [r for r in valid if r[1] == i]
         m[f"reward/{name}"] = sum(r[2] for r in mine) / max(1, len(mine))
         m[f"correct/{name}"] = sum(r[3] for r in rows if r[1] == i) / max(1, sum(1 for r in rows if r[1] == i))
-        z = [v for (_, e), v in zero.items() if e == i]
+        z = [v for g, v in zero.items() if groups[g][0][1] == i]
         m[f"zero_signal/{name}"] = sum(z) / max(1, len(z))
         m[f"iml/weak/{name}"] = sum(1 for _, w in pair_rows if w == i)
         m[f"iml/strong/{name}"] = sum(1 for st, _ in pair_rows if st == i)
@@ -66,9 +67,9 @@ def rl_metrics(s, episodes, advantages, pairs, pushed, flushed, stats: dict, rew
     m["iml/fired"] = len(pair_rows)
     m["iml/loss"] = stats.get("iml_loss", 0.0)
     m["hsft/pushed"] = len(pushed_experts)
-    m["hsft/buffer"] = len(s.buffer)
-    m["hsft/flushes"] = s.buffer.flushes
-    m["hsft/loss"] = stats.get("sft_loss", 0.0)
+    m["hsft/buffer"] = len(buffer)
+    m["hsft/flushes"] = buffer.flushes
+    m["hsft/loss"] = stats.get("hsft_loss", 0.0)
     m["loss"] = stats.get("loss", 0.0)
     m["pg_loss"] = stats.get("pg_loss", 0.0)
     pg_tokens = stats.get("pg_tokens", 0.0)
