@@ -43,9 +43,20 @@ def test_wrong_type_is_rejected():
         load_config(None, ["train.steps=abc"])
 
 
-def test_bad_choice_names_the_field_and_suggests():
-    with pytest.raises(ConfigError, match=r"algo.loss='ppo'.*ppo_clip"):
-        load_config(None, ["algo.loss=ppo"])
+@pytest.mark.parametrize("override, message", [
+    ("algo.loss=ppo", r"algo.loss='ppo' is not valid. Did you mean 'ppo_clip'\? Choose one of: ppo_clip, reinforce"),
+    ("algo.aggregation=token", r"algo.aggregation='token'.*Choose one of: constant, seq_mean, token_mean"),
+    ("rollout.backend=vlm", r"rollout.backend='vlm'.*Did you mean 'vllm'"),
+    ("task.name=arithmetik", r"task.name='arithmetik'.*Did you mean 'arithmetic'"),
+])
+def test_bad_choice_names_the_field_and_suggests(override, message):
+    """Settings naming an implementation are checked against its registry, the one list of
+    names, before any model loads."""
+    from meml.train.preflight import check_choices
+
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message):
+        check_choices(cfg)
 
 
 def test_cross_field_validation():

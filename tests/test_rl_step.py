@@ -84,3 +84,36 @@ def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
     sft = [it for it in captured[0] if it.kind == "hsft"]
     assert len(sft) == 4 and len(s.buffer) == 0 and metrics["hsft/flushes"] == 1
     assert metrics["hsft/loss"] > 0
+
+
+def test_a_question_drawn_twice_in_a_step_is_two_draws(tiny_model_dir, tmp_path, monkeypatch):
+    """3 training questions, 4 a step: the 4th draw repeats a question (an epoch boundary).
+    Each draw has its own groups, sampling seeds, IML pair and HSFT pushes."""
+    cfg = load_config("meml", tiny_overrides(tiny_model_dir, tmp_path, **{
+        "sft.enabled": "false", "algo.hsft.push_prob": 1.0, "algo.hsft.buffer_size": 100, "train.questions_per_step": 4,
+        "task.options": "{train_size: 3, test_size: 4, difficulty: 1}"}))
+    s = open_session(cfg)
+    s.engine = ScriptedEngine(s)
+    draws = riel.question_batch(s.train_examples, cfg.seed, 1, 4)
+    assert [d.slot for d in draws] == [0, 1, 2, 3] and sorted(d.repeat for d in draws) == [0, 0, 0, 1]
+    twice = next(d for d in draws if d.repeat == 1).example.id
+    assert sum(d.example.id == twice for d in draws) == 2
+
+    seen = {}
+    real_generate = s.engine.generate
+
+    def spy(prompts, params, seeds=None):
+        seen["seeds"] = seeds
+        return real_generate(prompts, params, seeds)
+
+    s.engine.generate = spy
+    episodes = riel.roll_out(s.engine, s.prompt, draws, len(s.experts), cfg.rollout, cfg.seed, 1)
+    same = [e for e in episodes if e.question_id == twice]
+    assert {e.slot for e in same} == {d.slot for d in draws if d.example.id == twice}
+    assert len({e.group_id for e in same}) == 2 * len(s.experts)  # (2 draws) x (3 experts) groups, not 3
+    seeds = seen["seeds"]
+    assert len(set(seeds)) == len(seeds)  # the repeated draw samples with seeds of its own
+
+    metrics = riel.rl_step(s, 1, make_learner(s, 1e-4, 1), None)
+    assert metrics["iml/fired"] == 4  # one pair per draw
+    assert metrics["hsft/pushed"] == 2 * 4  # experts 0 and 2 failed every draw

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from meml.core.errors import ConfigError
-from meml.study.runner import chosen_lr, grid, rl_job
+from meml.study.jobs import chosen_lr, grid, rl_job
 from meml.study.spec import ArmSpec, EvalSetSpec, StudySpec, load_study
 from meml.study.summary import arm_records, best_on_validation, summarize_study
 

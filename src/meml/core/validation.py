@@ -1,5 +1,7 @@
 """Config validation: the one place that checks values types cannot, with messages that
-name the field and say how to fix it."""
+name the field and say how to fix it. Settings that name an implementation (task.name,
+rollout.backend, algo.loss, algo.aggregation) are checked against their registries
+(train/preflight.py: check_choices), which hold the only list of valid names."""
 
 from __future__ import annotations
 
@@ -39,11 +41,8 @@ def _count_or_null(field_name: str, value: int | None) -> None:
 def validate(cfg: Config) -> None:
     """Check values that types cannot; every message names the field to fix."""
     _choice("model.dtype", cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"))
-    _choice("rollout.backend", cfg.rollout.backend, ("hf", "vllm"))
     a = cfg.algo
     _choice("algo.advantage_grouping", a.advantage_grouping, ("expert", "question"))
-    _choice("algo.loss", a.loss, ("reinforce", "ppo_clip"))
-    _choice("algo.aggregation", a.aggregation, ("token_mean", "seq_mean", "constant"))
     _choice("algo.iml.form", a.iml.form, ("nll", "kl"))
     _choice("algo.iml.answer_choice", a.iml.answer_choice, ("shortest", "first"))
     _choice("algo.iml.normalize", a.iml.normalize, ("batch", "fired"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from meml.eval.metrics import choose_by_validation, mean_and_sd, paired_difference
-from meml.study.runner import chosen_lr, grid, lr_tag, rl_job, stage1_job
+from meml.study.jobs import chosen_lr, grid, lr_tag, rl_job, stage1_job
 from meml.study.spec import StudySpec
 
 METRICS = ("shared", "any", "majority", "best_val")
