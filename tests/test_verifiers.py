@@ -340,3 +340,48 @@ def test_verifiers_never_raise_on_random_text():
             for verdict in (verify_numeric(text, "7", lenient=lenient), verify_choice(text, "b", OPTIONS, lenient=lenient),
                             verify_yes_no(text, True, lenient=lenient), verify_text(text, "x", lenient=lenient)):
                 assert verdict.score in (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- scientific notation, expressions
+
+
+@pytest.mark.parametrize(("completion", "gold", "score"), [
+    ("#### 1e3", "1", 0.0),  # read as 1000, not as 1
+    ("#### 1e3", "1000", 1.0),
+    ("The answer is 2.5E-3.", "0.0025", 1.0),
+    ("The answer is 1e+2 apples.", "100", 1.0),
+    ("The answer is 3eggs.", "3", 1.0),  # not an exponent: a letter follows
+    ("The answer is 1e3.", "1e3", 1.0),  # a gold answer in scientific notation
+])
+def test_scientific_notation(completion, gold, score):
+    assert verify_numeric(completion, gold).score == score
+
+
+def test_parse_number_reads_exponents_but_not_huge_ones():
+    assert parse_number("1e3") == 1000 and parse_number("-2.5e-1") == Fraction(-1, 4)
+    assert parse_number("1e9999") is None  # exponents past 999 are not a number here (no 10^9999 integer is built)
+
+
+@pytest.mark.parametrize(("completion", "gold", "score"), [
+    ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{3}}{2}", 1.0),  # a gold our number reader cannot read
+    ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{2}}{2}", 0.0),
+    ("The answer is 2^{10}.", "1024", 1.0),  # LaTeX in the answer: compared as a value
+    ("The answer is 2^{10}.", "1000", 0.0),
+    ("The answer is 0.866.", "\\frac{\\sqrt{3}}{2}", 0.0),  # 6 decimals are compared: 0.866 is not enough
+    ("The answer is \\sqrt{2}", "\\sqrt{2}", 1.0),
+])
+def test_latex_answers_go_through_math_verify(completion, gold, score):
+    assert verify_numeric(completion, gold).score == score
+
+
+def test_latex_gold_still_needs_a_marker_and_a_finished_answer():
+    assert verify_numeric("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}").score == 0.0  # no marker
+    assert verify_numeric("The answer is \\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", finished=False).breakdown["reason"] == "truncated"
+
+
+def test_model_text_is_never_evaluated(tmp_path):
+    marker = tmp_path / "ran"
+    hostile = f"The answer is __import__('pathlib').Path({str(marker)!r}).touch() \\frac{{1}}{{2}}."
+    verify_numeric(hostile, "\\frac{1}{2}")
+    verify_numeric(hostile, "0.5")
+    assert not marker.exists()

@@ -19,11 +19,19 @@ Where the answer is read (all verifiers, strict mode, the default):
      "gold_unparseable"; callers count and report abstentions.
 
 Numbers (verify_numeric): the span's number after its last "=" if it has one ("48 + 24 =
-72"), else its first number. Numbers may carry a sign, a currency sign ($ € £ ¥ ₹),
+72"), else its first number. Numbers may carry a sign, a currency sign ($ € £ ¥ ₹), an
+exponent ("1e3" is 1000, exponents up to 999),
 thousands separators ("1,234", LaTeX "1{,}234"), decimals, a trailing "%" or unit word,
 or be fractions ("3/4", "\\frac{3}{4}"); they compare exactly as fractions, so "0.50" ==
 "1/2" == "\\frac{1}{2}". "50%" reads as 50 (the percent sign is dropped, not divided).
 A digit inside a word ("x2", "v3") is not a number.
+
+Expressions (math-verify, where the plain-number reading does not fit): when the gold
+answer is LaTeX that parse_number cannot read ("\\frac{\\sqrt{3}}{2}", "2^{10}"), or the
+marked span holds LaTeX markup ("\\", "^", "{"), the span and the gold are compared by
+math-verify: read by its LaTeX parser (never evaluated as Python), then symbolically or
+numerically to 6 decimals. The marker and truncation rules above still decide whether
+there is an answer at all.
 
 Options (verify_choice): in the span, the first option letter written as "(b)", "[b]",
 "b)", "b.", "b:", "option b" / "choice b", or the span being the bare letter ("b", "B.",
@@ -39,6 +47,7 @@ word; "not true" reads as no and "not false" as yes; "yes or no" is ambiguous (s
 
 from __future__ import annotations
 
+import logging
 import re
 from fractions import Fraction
 
@@ -60,9 +69,10 @@ _CURRENCY = "$€£¥₹"
 _NUMBER_RE = re.compile(
     rf"(?:(?<![\w)])-\s?)?(?:[{_CURRENCY}]\s?(?:-\s?)?)?(?<!\w)(?<!\d\.)"
     r"(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![A-Za-z])\.\d+)"
+    r"(?:[eE][-+]?\d{1,3}(?![\w.]))?"  # scientific notation: 1e3, 2.5E-4 (exponents up to 999)
     r"(?:\s?/\s?\d+(?:\.\d+)?)?"
 )
-_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{1,3})?")
 _LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
 
@@ -185,14 +195,75 @@ def verify_numeric(completion: str, gold: str, finished: bool = True, lenient: b
     'gold_unparseable'
     """
     gold_value = parse_number(gold)
-    if gold_value is None:
+    if gold_value is None and not latex_parses(gold):
         return Verdict(None, None, {"reason": "gold_unparseable", "gold": gold})
     if not finished:
         return _no_answer("truncated")
+    span, _ = answer_span(completion)
+    if span is not None and (gold_value is None or _LATEX_MARKUP_RE.search(span)):
+        # an expression, not a plain number, on either side: math-verify compares them
+        expression = span.rstrip(". ")
+        same = latex_equivalent(gold, expression)
+        if same is not None:
+            return _judge(expression, same, "latex")
+    if gold_value is None:
+        return _no_answer("no_expression")
     extracted, how = extract_number(completion, lenient=lenient)
     if extracted is None:
         return _no_answer(how)
     return _judge(extracted, parse_number(extracted) == gold_value, how)
+
+
+# ----------------------------------------------------------------------------- expressions
+
+_LATEX_MARKUP_RE = re.compile(r"\\[a-zA-Z]|\^|\{")
+MAX_EXPRESSION_CHARS = 120  # longer spans are not handed to the symbolic comparison
+
+
+def _latex(text: str) -> list:
+    """math-verify's reading of `text` as LaTeX ([] when it does not parse). Its LaTeX parser
+    builds sympy expressions without evaluating text as Python; its other reader, which goes
+    through sympy's parse_expr (eval), is never used on model output."""
+    if len(text) > MAX_EXPRESSION_CHARS:
+        return []
+    try:
+        from math_verify import LatexExtractionConfig, parse
+    except ImportError:  # math-verify is a dependency; without it expressions are left out
+        return []
+    # our callers bound the input size instead of its signal-based timeouts, which only work
+    # on the main thread; the notice that they are off is not news to the user
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    try:
+        return parse(f"${text}$", extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback", parsing_timeout=None)
+    except Exception:  # noqa: BLE001 - a verifier never raises on model text
+        return []
+
+
+def latex_parses(gold: str) -> bool:
+    """A gold answer written in LaTeX that math-verify reads as a number or a closed
+    expression ("\\frac{\\sqrt{3}}{2}", "2^{10}"); not words (they would read as symbols)."""
+    if not _LATEX_MARKUP_RE.search(gold):
+        return False  # plain text that parse_number cannot read ("7 apples") stays unparseable
+    parsed = _latex(gold)
+    return bool(parsed) and not getattr(parsed[0], "free_symbols", {None})
+
+
+def latex_equivalent(gold: str, answer: str) -> bool | None:
+    r"""Whether two LaTeX answers are the same value or expression (math-verify: symbolic,
+    then numeric to 6 decimals); None when either side does not parse.
+
+    >>> latex_equivalent("2^{10}", "1024"), latex_equivalent(r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}")
+    (True, False)
+    """
+    g, a = _latex(gold), _latex(answer)
+    if not g or not a:
+        return None
+    try:
+        from math_verify import verify
+
+        return bool(verify(g, a, timeout_seconds=None))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 # ----------------------------------------------------------------------------- options
