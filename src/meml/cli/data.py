@@ -1,7 +1,7 @@
 """`meml data inspect SOURCE [key=value ...]`: look at a task's data before training on it.
 
-    meml data inspect gsm8k task.path=../shared/data/gsm8k
-    meml data inspect ../shared/data/mathqa            (the task is inferred from the files)
+    meml data inspect gsm8k task.path=PATH/TO/gsm8k
+    meml data inspect PATH/TO/mathqa                   (the task is inferred from the files)
     meml data inspect mydata.csv task.options.question=problem -n 3
 
 SOURCE is a registered task name or a path. For a path the task is inferred from the

@@ -3,7 +3,7 @@
     meml eval [MODEL_OR_RUN] [--preset P] [--task NAME] [key=value ...]
 
     meml eval runs/meml-20250101-120000                  a run's newest checkpoint, its task and experts
-    meml eval HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k task.path=../shared/data/gsm8k
+    meml eval HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k task.path=PATH/TO/gsm8k
     meml eval MODEL eval.samples=12                      + pass@k and "do my experts diversify?"
 
 MODEL_OR_RUN is a run directory (its config and newest valid checkpoint are used), a

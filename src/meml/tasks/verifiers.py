@@ -12,7 +12,7 @@ Where the answer is read (all verifiers, strict mode, the default):
      characters); leading spaces, newlines and colons are skipped first.
   3. No marker: score 0 (reason "no_marker"). A completion cut off at the length limit
      (finished=False): score 0 (reason "truncated"). A last-number fallback rewards long
-     ramblings whose last number happens to match (docs/METHOD.md, what we measured).
+     ramblings whose last number happens to match (docs/ALGORITHM.md, what we measured).
   4. lenient=True: when the marked span yields nothing, fall back to the last number /
      last clearly written option letter / last yes-no word anywhere in the completion.
   5. When the gold answer cannot be parsed the verifier abstains: score None, reason
