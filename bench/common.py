@@ -108,11 +108,24 @@ def machine() -> dict:
 
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_bf16" in flags,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def mean(values) -> float:
@@ -133,14 +146,23 @@ def model_shape(model) -> dict:
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     body = total - head - norms - (0 if getattr(c, "tie_word_embeddings", False) else head)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return {"params": total, "body_matmul_params": body, "head_params": head, "layers": c.num_hidden_layers,
-            "attn_width": c.num_attention_heads * head_dim}
+    return {
+        "params": total,
+        "body_matmul_params": body,
+        "head_params": head,
+        "layers": c.num_hidden_layers,
+        "attn_width": c.num_attention_heads * head_dim,
+    }
 
 
 def forward_flops(shape: dict, tokens: int, logit_positions: int, attn_pairs: int) -> float:
     """Model FLOPs of one forward pass: 2 per weight per token (the head only where logits are
     computed) plus attention: QK^T and AV, 2 * 2 * width FLOPs per (query, key) pair per layer."""
-    return 2 * shape["body_matmul_params"] * tokens + 2 * shape["head_params"] * logit_positions + 4 * shape["layers"] * shape["attn_width"] * attn_pairs
+    return (
+        2 * shape["body_matmul_params"] * tokens
+        + 2 * shape["head_params"] * logit_positions
+        + 4 * shape["layers"] * shape["attn_width"] * attn_pairs
+    )
 
 
 def causal_pairs(length: int, start: int = 0) -> int:
@@ -188,7 +210,9 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
             p, c = len(e.prompt_ids), len(e.completion_ids)
             counts["gen_prompt_tokens"] += p
             counts["gen_completion_tokens"] += c
-            counts["gen_flops"] += forward_flops(shape, p + c - 1, c, causal_pairs(p + c - 1))  # the last token is never fed back
+            counts["gen_flops"] += forward_flops(
+                shape, p + c - 1, c, causal_pairs(p + c - 1)
+            )  # the last token is never fed back
         counts["sequences"] += len(episodes)
         return episodes
 
@@ -205,7 +229,9 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
             p, r = len(it.prompt_ids), len(it.response_ids)
             counts[f"train_rows/{it.kind}"] += 1
             counts[f"train_tokens/{it.kind}"] += p + r
-            counts["train_flops"] += 3 * forward_flops(shape, p + r, r, causal_pairs(p + r))  # forward + backward = 3x forward
+            counts["train_flops"] += 3 * forward_flops(
+                shape, p + r, r, causal_pairs(p + r)
+            )  # forward + backward = 3x forward
         counts["train_padded_tokens"] += batch.input_ids.numel()
         return out
 
@@ -220,12 +246,30 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
         dt = time.perf_counter() - t
         c = dict(counts)
         counts.clear()
-        rec = {"step": step, "time_s": dt, "completion_tokens": int(c["gen_completion_tokens"]), "prompt_tokens": int(c["gen_prompt_tokens"]),
-               "sequences": int(c["sequences"]), "trained_sequences": int(c.get("train_rows/pg", 0)), "counts": c,
-               "parts": timers.take(), "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
+        rec = {
+            "step": step,
+            "time_s": dt,
+            "completion_tokens": int(c["gen_completion_tokens"]),
+            "prompt_tokens": int(c["gen_prompt_tokens"]),
+            "sequences": int(c["sequences"]),
+            "trained_sequences": int(c.get("train_rows/pg", 0)),
+            "counts": c,
+            "parts": timers.take(),
+            "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))},
+        }
         steps.append(rec)
-        log(f"step {step}: {dt:.1f}s, {rec['completion_tokens']} completion tokens, {rec['trained_sequences']} trained sequences", flush=True)
+        log(
+            f"step {step}: {dt:.1f}s, {rec['completion_tokens']} completion tokens, {rec['trained_sequences']} "
+            "trained sequences",
+            flush=True,
+        )
     if cfg.rollout.backend == "vllm":
         s.engine.close()
-    return {"startup_s": startup, "steps": steps, "model_shape": shape, "torch_threads": torch.get_num_threads(),
-            "transformers": __import__("transformers").__version__, "mixed_precision": s.accelerator.mixed_precision}
+    return {
+        "startup_s": startup,
+        "steps": steps,
+        "model_shape": shape,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+        "mixed_precision": s.accelerator.mixed_precision,
+    }

@@ -40,12 +40,24 @@ ARMS = {
 def child(args) -> dict:
     preset, group, extra = ARMS[args.arm]
     out = tempfile.mkdtemp(prefix=f"overhead-{args.arm}-")
-    overrides = [f"{k}={v}" for k, v in {
-        "output_dir": out, "seed": args.seed, "rollout.backend": args.backend, "train.steps": args.steps,
-        "train.questions_per_step": args.questions, "rollout.num_generations_per_expert": group,
-        "rollout.max_new_tokens": args.max_new_tokens, "rollout.sequences_per_generate": 48, "sft.enabled": "false",
-        "eval.before": "false", "eval.after": "false", "log.progress": "false", "algo.hsft.max_wrong": min(3, group - 1),
-    }.items()] + extra
+    overrides = [
+        f"{k}={v}"
+        for k, v in {
+            "output_dir": out,
+            "seed": args.seed,
+            "rollout.backend": args.backend,
+            "train.steps": args.steps,
+            "train.questions_per_step": args.questions,
+            "rollout.num_generations_per_expert": group,
+            "rollout.max_new_tokens": args.max_new_tokens,
+            "rollout.sequences_per_generate": 48,
+            "sft.enabled": "false",
+            "eval.before": "false",
+            "eval.after": "false",
+            "log.progress": "false",
+            "algo.hsft.max_wrong": min(3, group - 1),
+        }.items()
+    ] + extra
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     return meml_steps(preset, overrides)
@@ -54,17 +66,23 @@ def child(args) -> dict:
 def summarize(run: dict, warmup: int) -> dict:
     measured = [st for st in run["steps"] if st["step"] > warmup] or run["steps"]
     n = len(measured)
-    parts = {k: sum(st["parts"].get(k, 0.0) for st in measured) / n for k in ("generate", "reward", "forward", "backward", "clip", "optimizer", "sync")}
+    parts = {
+        k: sum(st["parts"].get(k, 0.0) for st in measured) / n
+        for k in ("generate", "reward", "forward", "backward", "clip", "optimizer", "sync")
+    }
     parts["other"] = sum(st["time_s"] for st in measured) / n - sum(parts.values())
 
     def per_step(key: str) -> float:
         return sum(st["counts"].get(key, 0.0) for st in measured) / n
 
     return {
-        "measured_steps": n, "step_time_s": mean(st["time_s"] for st in measured),
-        "step_time_s_each": [st["time_s"] for st in measured], "parts_s": parts,
+        "measured_steps": n,
+        "step_time_s": mean(st["time_s"] for st in measured),
+        "step_time_s_each": [st["time_s"] for st in measured],
+        "parts_s": parts,
         "sequences": mean(st["sequences"] for st in measured),
-        "prompt_tokens_per_sequence": sum(st["prompt_tokens"] for st in measured) / sum(st["sequences"] for st in measured),
+        "prompt_tokens_per_sequence": sum(st["prompt_tokens"] for st in measured)
+        / sum(st["sequences"] for st in measured),
         "completion_tokens_per_step": mean(st["completion_tokens"] for st in measured),
         "completion_len": sum(st["completion_tokens"] for st in measured) / sum(st["sequences"] for st in measured),
         "train_rows": {k: per_step(f"train_rows/{k}") for k in ("pg", "iml", "hsft")},
@@ -72,19 +90,24 @@ def summarize(run: dict, warmup: int) -> dict:
         "reward": mean(st["metrics"]["reward/mean"] for st in measured),
         "zero_signal_frac": mean(st["metrics"]["zero_signal_frac"] for st in measured),
         "iml_fired": mean(st["metrics"].get("iml/fired", 0) for st in measured),
-        "hsft_flushes": measured[-1]["metrics"].get("hsft/flushes", 0) - (run["steps"][warmup - 1]["metrics"].get("hsft/flushes", 0) if warmup else 0),
+        "hsft_flushes": measured[-1]["metrics"].get("hsft/flushes", 0)
+        - (run["steps"][warmup - 1]["metrics"].get("hsft/flushes", 0) if warmup else 0),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="", help="model.name_or_path (a stage-1 checkpoint's model/); default: the base model")
+    parser.add_argument(
+        "--model", default="", help="model.name_or_path (a stage-1 checkpoint's model/); default: the base model"
+    )
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="steps per arm, warm-up included")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="hf", help="rollout.backend (vllm: run this script with the vLLM venv's python)")
+    parser.add_argument(
+        "--backend", default="hf", help="rollout.backend (vllm: run this script with the vLLM venv's python)"
+    )
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--max-load", type=float, default=0.5)
     parser.add_argument("--wait-s", type=float, default=900)
@@ -94,8 +117,20 @@ def main() -> int:
     if args.arm:
         emit(child(args))
         return 0
-    argv = ["--model", args.model, "--questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
-            "--steps", str(args.steps), "--seed", str(args.seed), "--backend", args.backend]
+    argv = [
+        "--model",
+        args.model,
+        "--questions",
+        str(args.questions),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--backend",
+        args.backend,
+    ]
     runs = {}
     for arm in args.arms.split(","):
         wait_for_quiet(args.max_load, args.wait_s)
@@ -105,15 +140,24 @@ def main() -> int:
     names = list(runs)
     print(f"\n{'':30}" + "".join(f"{a:>13}" for a in names))
     sm = {a: runs[a]["summary"] for a in names}
-    for label, get in [("step time (s)", lambda x: x["step_time_s"]), ("sequences/step", lambda x: x["sequences"]),
-                       ("prompt tokens/sequence", lambda x: x["prompt_tokens_per_sequence"]), ("completion length", lambda x: x["completion_len"]),
-                       ("pg rows trained/step", lambda x: x["train_rows"]["pg"]), ("IML rows/step", lambda x: x["train_rows"]["iml"]),
-                       ("HSFT rows/step", lambda x: x["train_rows"]["hsft"]), ("reward", lambda x: x["reward"]),
-                       ("zero-signal fraction", lambda x: x["zero_signal_frac"])]:
+    for label, get in [
+        ("step time (s)", lambda x: x["step_time_s"]),
+        ("sequences/step", lambda x: x["sequences"]),
+        ("prompt tokens/sequence", lambda x: x["prompt_tokens_per_sequence"]),
+        ("completion length", lambda x: x["completion_len"]),
+        ("pg rows trained/step", lambda x: x["train_rows"]["pg"]),
+        ("IML rows/step", lambda x: x["train_rows"]["iml"]),
+        ("HSFT rows/step", lambda x: x["train_rows"]["hsft"]),
+        ("reward", lambda x: x["reward"]),
+        ("zero-signal fraction", lambda x: x["zero_signal_frac"]),
+    ]:
         print(f"{label:30}" + "".join(f"{get(sm[a]):>13.2f}" for a in names))
     for part in ("generate", "reward", "forward", "backward", "clip", "optimizer", "sync", "other"):
         print(f"  {part + ' (s/step)':28}" + "".join(f"{sm[a]['parts_s'][part]:>13.2f}" for a in names))
-    print(f"{'load 1m before/after':30}" + "".join(f"{runs[a]['load_1m'][0]:>6.2f}/{runs[a]['load_1m'][1]:<6.2f}" for a in names))
+    print(
+        f"{'load 1m before/after':30}"
+        + "".join(f"{runs[a]['load_1m'][0]:>6.2f}/{runs[a]['load_1m'][1]:<6.2f}" for a in names)
+    )
     ratios = {}
     for base in ("grpo-12", "grpo-4"):
         for arm in ("meml", "meml-no-aux"):

@@ -25,10 +25,28 @@ import torch
 
 SHAPES = {
     # published configs (hidden, intermediate, layers, heads, kv heads, vocab, rope theta)
-    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0, tie_word_embeddings=True),
-    "llama3.2-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, rope_theta=500_000.0, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(
+        arch="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-1b": dict(
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500_000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -118,8 +136,10 @@ def check(name: str, args, device: torch.device) -> dict:
         completions = [g.token_ids for group in groups for g in group]
         lengths = torch.tensor([len(c) for c in completions])
         weights = sequence_weights(lengths, "token_mean", args.new_tokens)
-        items = [TrainItem("pg", prompts[i // args.group], c, weight=float(w), advantage=1.0)
-                 for i, (c, w) in enumerate(zip(completions, weights))]
+        items = [
+            TrainItem("pg", prompts[i // args.group], c, weight=float(w), advantage=1.0)
+            for i, (c, w) in enumerate(zip(completions, weights))
+        ]
         optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(model, items, LossSettings(), args.micro_batch_tokens, 0, acc)
         sync(device)
@@ -133,15 +153,32 @@ def check(name: str, args, device: torch.device) -> dict:
         t4 = time.perf_counter()
         generated = int(lengths.sum())
         trained = sum(len(it.prompt_ids) + len(it.response_ids) for it in items)
-        row = {"step": step, "generate_s": t1 - t0, "forward_backward_s": t2 - t1, "optimizer_s": t3 - t2, "sync_s": t4 - t3,
-               "step_s": t4 - t0, "generated_tokens": generated, "gen_tokens_per_s": generated / (t1 - t0),
-               "train_tokens_per_s": trained / (t2 - t1), "tokens_per_s": generated / (t4 - t0)}
+        row = {
+            "step": step,
+            "generate_s": t1 - t0,
+            "forward_backward_s": t2 - t1,
+            "optimizer_s": t3 - t2,
+            "sync_s": t4 - t3,
+            "step_s": t4 - t0,
+            "generated_tokens": generated,
+            "gen_tokens_per_s": generated / (t1 - t0),
+            "train_tokens_per_s": trained / (t2 - t1),
+            "tokens_per_s": generated / (t4 - t0),
+        }
         rows.append(row)
         print(f"{name} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "step"), flush=True)
     last = rows[-1]  # the first step includes CUDA/cuBLAS warm-up
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    result = {"model": name, "parameters": params, "dtype": str(dtype), "device": str(device), "peak_memory_gib": peak,
-              "config": vars(args), "steps": rows, "last": last}
+    result = {
+        "model": name,
+        "parameters": params,
+        "dtype": str(dtype),
+        "device": str(device),
+        "peak_memory_gib": peak,
+        "config": vars(args),
+        "steps": rows,
+        "last": last,
+    }
     del model, engine, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -165,7 +202,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: run this on a GPU machine, or pass --device cpu --scale 0.02 for a smoke run")
+        raise SystemExit(
+            "no CUDA GPU here: run this on a GPU machine, or pass --device cpu --scale 0.02 for a smoke run"
+        )
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     results = [check(name, args, device) for name in args.models.split(",")]
@@ -174,10 +213,15 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=1))
     for r in results:
         last = r["last"]
-        print(f"{r['model']}: {r['parameters'] / 1e9:.2f}B params, step {last['step_s']:.1f}s "
-              f"(generate {last['generate_s']:.1f}, fwd+bwd {last['forward_backward_s']:.1f}, optim {last['optimizer_s']:.2f}, "
-              f"sync {last['sync_s']:.2f}), {last['gen_tokens_per_s']:.0f} generated tok/s, {last['train_tokens_per_s']:.0f} "
-              f"trained tok/s, peak memory {r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 1)} GiB")
+        print(
+            f"{r['model']}: {r['parameters'] / 1e9:.2f}B params, step {last['step_s']:.1f}s "
+            f"(generate {last['generate_s']:.1f}, fwd+bwd {last['forward_backward_s']:.1f}, optim "
+            f"{last['optimizer_s']:.2f}, "
+            f"sync {last['sync_s']:.2f}), {last['gen_tokens_per_s']:.0f} generated tok/s, "
+            f"{last['train_tokens_per_s']:.0f} "
+            "trained tok/s, peak memory "
+            f"{r['peak_memory_gib'] if r['peak_memory_gib'] is None else round(r['peak_memory_gib'], 1)} GiB"
+        )
     print(f"wrote {out}")
 
 

@@ -83,19 +83,13 @@ def save_random_model(name: str, scale: float, directory: Path) -> None:
         shape["hidden_size"] = shape["num_attention_heads"] * head_dim
         shape["intermediate_size"] = max(128, int(shape["intermediate_size"] * scale))
         shape["vocab_size"] = max(1024, int(shape["vocab_size"] * scale))
-    config_cls, model_cls = (
-        (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    )
-    config = config_cls(
-        **shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD
-    )
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
     model = model_cls(config)
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = PAD
-    model.to(torch.bfloat16).save_pretrained(
-        directory
-    )  # bf16 on disk: the fp32 policy loads it exactly
+    model.to(torch.bfloat16).save_pretrained(directory)  # bf16 on disk: the fp32 policy loads it exactly
 
 
 def check_model(name: str, args, device: torch.device) -> dict:
@@ -114,10 +108,7 @@ def check_model(name: str, args, device: torch.device) -> dict:
         tokenizer = StubTokenizer()
         g = torch.Generator().manual_seed(0)
         vocab = policy.config.vocab_size
-        prompts = [
-            torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist()
-            for _ in range(args.prompts)
-        ]
+        prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
         params = SamplingParams(args.samples, 1.0, 1.0, args.max_new_tokens, 0)
 
         t0 = time.perf_counter()
@@ -165,9 +156,7 @@ def check_model(name: str, args, device: torch.device) -> dict:
             "sync_all": sync_all_detail,
             "sync_two_layers_s": sync_two,
             "sync_two_layers": sync_two_detail,
-            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30
-            if device.type == "cuda"
-            else None,
+            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
         if args.compare_hf:
             hf = HFEngine(policy, tokenizer, dtype, sequences_per_generate=args.prompts * args.samples)
@@ -176,9 +165,7 @@ def check_model(name: str, args, device: torch.device) -> dict:
             t0 = time.perf_counter()
             hf_out = hf.generate(prompts, params)
             hf_s = time.perf_counter() - t0
-            result["hf_tokens_per_s"] = (
-                sum(len(x.token_ids) for group in hf_out for x in group) / hf_s
-            )
+            result["hf_tokens_per_s"] = sum(len(x.token_ids) for group in hf_out for x in group) / hf_s
             del hf
         del policy, optimizer
         if device.type == "cuda":
@@ -195,16 +182,12 @@ def _sync_device(device: torch.device) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}"
-    )
+    parser.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument(
-        "--scale", type=float, default=1.0, help="shrink the models (for --allow-cpu smoke runs)"
-    )
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the models (for --allow-cpu smoke runs)")
     parser.add_argument(
         "--compare-hf",
         action="store_true",

@@ -3,7 +3,8 @@ where SmolLM2-135M still fails most questions after stage 1.
 
     nohup .venv-vllm/bin/python bench/learning.py run > runs/learning/log.txt 2>&1 &   # hours on 2 cores
     python bench/learning.py plot          # bench/results/learning.json + docs/img/learning_*.png
-    python bench/learning.py run --seeds 0 --arms meml --steps 2 --eval-every 1 --eval-questions 4 --sft-examples 8 --backend hf --root /tmp/learn-smoke   # smoke run
+    python bench/learning.py run --seeds 0 --arms meml --steps 2 --eval-every 1 --eval-questions 4 \
+        --sft-examples 8 --backend hf --root /tmp/learn-smoke   # smoke run
 
 `run` works through a list of jobs, one process at a time, and skips the ones already done
 (a job's directory with results.json), so it can be stopped and started again:
@@ -52,15 +53,33 @@ ARMS = {  # arm: (preset, answers per (question, expert), stage-1 variant)
     "no_hsft": ("no_hsft", 4, "mef"),
 }
 SFT_PRESET = {"mef": "meml", "tutor": "grpo"}
-LABELS = {"meml": "MEML-GRPO (3x4)", "grpo": "GRPO (1x12)", "dr_grpo": "Dr.GRPO (1x12)",
-          "moe_sft_grpo": "MoE-SFT + GRPO (3x4)", "moe_sft_dr_grpo": "MoE-SFT + Dr.GRPO (3x4)",
-          "no_hsft": "MEML-GRPO without HSFT (3x4)"}
-COLORS = {"meml": "tab:red", "grpo": "tab:blue", "dr_grpo": "tab:green", "moe_sft_grpo": "tab:purple", "moe_sft_dr_grpo": "tab:olive", "no_hsft": "tab:orange"}
+LABELS = {
+    "meml": "MEML-GRPO (3x4)",
+    "grpo": "GRPO (1x12)",
+    "dr_grpo": "Dr.GRPO (1x12)",
+    "moe_sft_grpo": "MoE-SFT + GRPO (3x4)",
+    "moe_sft_dr_grpo": "MoE-SFT + Dr.GRPO (3x4)",
+    "no_hsft": "MEML-GRPO without HSFT (3x4)",
+}
+COLORS = {
+    "meml": "tab:red",
+    "grpo": "tab:blue",
+    "dr_grpo": "tab:green",
+    "moe_sft_grpo": "tab:purple",
+    "moe_sft_dr_grpo": "tab:olive",
+    "no_hsft": "tab:orange",
+}
 
 
 def common_overrides(args, seed: int) -> list[str]:
-    return [f"seed={seed}", f"task.options.difficulty={args.difficulty}", f"task.max_eval_examples={args.eval_questions}",
-            f"rollout.backend={args.backend}", "log.progress=false", "checkpoint.keep_last=1"]
+    return [
+        f"seed={seed}",
+        f"task.options.difficulty={args.difficulty}",
+        f"task.max_eval_examples={args.eval_questions}",
+        f"rollout.backend={args.backend}",
+        "log.progress=false",
+        "checkpoint.keep_last=1",
+    ]
 
 
 def sft_dir(args, variant: str, seed: int) -> Path:
@@ -87,16 +106,44 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
     for seed in sft_seeds(args, seeds):
         for variant in variants:
             d = sft_dir(args, variant, seed)
-            out.append((d, ["sft", SFT_PRESET[variant], f"output_dir={d}", "eval.after=true", "eval.before=false",
-                            f"sft.max_examples={args.sft_examples}", *common_overrides(args, seed)]))
+            out.append(
+                (
+                    d,
+                    [
+                        "sft",
+                        SFT_PRESET[variant],
+                        f"output_dir={d}",
+                        "eval.after=true",
+                        "eval.before=false",
+                        f"sft.max_examples={args.sft_examples}",
+                        *common_overrides(args, seed),
+                    ],
+                )
+            )
     for seed in seeds:
         for arm in arms:
             preset, group, variant = ARMS[arm]
             d = Path(args.root) / f"{arm}-s{seed}"
-            out.append((d, ["train", preset, f"output_dir={d}", "sft.enabled=false", f"train.steps={args.steps}",
-                            f"train.questions_per_step={args.questions}", f"rollout.num_generations_per_expert={group}",
-                            f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", "eval.before=true", "eval.after=true",
-                            *common_overrides(args, seed), (variant, seed if args.sft_seed is None else args.sft_seed)]))
+            out.append(
+                (
+                    d,
+                    [
+                        "train",
+                        preset,
+                        f"output_dir={d}",
+                        "sft.enabled=false",
+                        f"train.steps={args.steps}",
+                        f"train.questions_per_step={args.questions}",
+                        f"rollout.num_generations_per_expert={group}",
+                        f"optim.lr={args.lr}",
+                        f"eval.every_steps={args.eval_every}",
+                        "eval.before=true",
+                        "eval.after=true",
+                        *common_overrides(args, seed),
+                        (variant, seed if args.sft_seed is None else args.sft_seed),
+                    ],
+                )
+            )
     return out
 
 
@@ -104,7 +151,9 @@ def snapshot_source(root: Path) -> dict:
     """A copy of src/ that every job imports (PYTHONPATH), taken at the first start: runs that
     take hours must not pick up edits made to the working tree meanwhile."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     snap = root / "src-snapshot"
     if not snap.exists():
         shutil.copytree(REPO / "src", snap, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -144,15 +193,24 @@ def run(args) -> int:
 
 def read_run(d: Path) -> dict:
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"rl": [r for r in recs if r.get("stage") == "rl"], "eval": [r for r in recs if r.get("stage") == "eval"],
-            "config": (d / "config.yaml").read_text() if (d / "config.yaml").exists() else ""}
+    return {
+        "rl": [r for r in recs if r.get("stage") == "rl"],
+        "eval": [r for r in recs if r.get("stage") == "eval"],
+        "config": (d / "config.yaml").read_text() if (d / "config.yaml").exists() else "",
+    }
 
 
 def spread(values: list[float]) -> dict:
     import statistics
 
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
 
 
 def plot(args) -> int:
@@ -164,7 +222,10 @@ def plot(args) -> int:
     root = Path(args.root)
     seeds = [int(x) for x in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if any((root / f"{a}-s{s}" / "results.json").exists() for s in seeds)]
-    runs = {a: {s: read_run(root / f"{a}-s{s}") for s in seeds if (root / f"{a}-s{s}" / "results.json").exists()} for a in arms}
+    runs = {
+        a: {s: read_run(root / f"{a}-s{s}") for s in seeds if (root / f"{a}-s{s}" / "results.json").exists()}
+        for a in arms
+    }
     summary: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "arms": {}}
     sft = {}
     for variant in ("mef", "tutor"):
@@ -176,12 +237,21 @@ def plot(args) -> int:
 
     def eval_curve(arm: str, key: str) -> tuple[list[int], list[list[float]]]:
         steps = sorted({r["step"] for s in runs[arm] for r in runs[arm][s]["eval"]})
-        table = [[next((r.get(key) for r in runs[arm][s]["eval"] if r["step"] == st), float("nan")) for s in runs[arm]] for st in steps]
+        table = [
+            [next((r.get(key) for r in runs[arm][s]["eval"] if r["step"] == st), float("nan")) for s in runs[arm]]
+            for st in steps
+        ]
         return steps, table
 
     def rl_curve(arm: str, key: str) -> tuple[list[int], list[list[float]]]:
         steps = sorted({r["step"] for s in runs[arm] for r in runs[arm][s]["rl"]})
-        return steps, [[next((r.get(key, float("nan")) for r in runs[arm][s]["rl"] if r["step"] == st), float("nan")) for s in runs[arm]] for st in steps]
+        return steps, [
+            [
+                next((r.get(key, float("nan")) for r in runs[arm][s]["rl"] if r["step"] == st), float("nan"))
+                for s in runs[arm]
+            ]
+            for st in steps
+        ]
 
     def band(ax, steps, table, arm, smooth: int = 1):
         import numpy as np
@@ -189,14 +259,30 @@ def plot(args) -> int:
         a = np.array(table, dtype=float)  # (steps, seeds)
         if smooth > 1:
             kernel = np.ones(smooth) / smooth
-            a = np.stack([np.convolve(np.pad(col, (smooth - 1, 0), mode="edge"), kernel, mode="valid") for col in a.T], axis=1)
+            a = np.stack(
+                [np.convolve(np.pad(col, (smooth - 1, 0), mode="edge"), kernel, mode="valid") for col in a.T], axis=1
+            )
         m, lo, hi = np.nanmean(a, 1), np.nanmin(a, 1), np.nanmax(a, 1)
-        ax.plot(steps, m, color=COLORS[arm], label=f"{LABELS[arm]} (n={a.shape[1]})", marker="o" if len(steps) < 15 else None, ms=3)
+        ax.plot(
+            steps,
+            m,
+            color=COLORS[arm],
+            label=f"{LABELS[arm]} (n={a.shape[1]})",
+            marker="o" if len(steps) < 15 else None,
+            ms=3,
+        )
         ax.fill_between(steps, lo, hi, color=COLORS[arm], alpha=0.12)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for ax, key, title in zip(axes, ("acc/best", "acc/tutor", "acc/any"),
-                              ("held-out accuracy, best expert", "held-out accuracy, tutor expert (shared by all arms)", "held-out, any expert correct")):
+    for ax, key, title in zip(
+        axes,
+        ("acc/best", "acc/tutor", "acc/any"),
+        (
+            "held-out accuracy, best expert",
+            "held-out accuracy, tutor expert (shared by all arms)",
+            "held-out, any expert correct",
+        ),
+    ):
         for arm in arms:
             band(ax, *eval_curve(arm, key), arm)
         ax.set_title(title, fontsize=10)
@@ -258,7 +344,8 @@ def plot(args) -> int:
                 "final_best_expert": last.get("best_expert"),
                 "mean_eval_acc_best": sum(e["acc/best"] for e in ev) / len(ev),
                 "zero_signal_frac": sum(x["zero_signal_frac"] for x in r["rl"]) / len(r["rl"]),
-                "zero_signal_frac_question": sum(x.get("zero_signal_frac_question", float("nan")) for x in r["rl"]) / len(r["rl"]),
+                "zero_signal_frac_question": sum(x.get("zero_signal_frac_question", float("nan")) for x in r["rl"])
+                / len(r["rl"]),
                 "zero_signal_first5": sum(x["zero_signal_frac"] for x in r["rl"][:5]) / max(1, len(r["rl"][:5])),
                 "zero_signal_last5": sum(x["zero_signal_frac"] for x in r["rl"][-5:]) / max(1, len(r["rl"][-5:])),
                 "reward": sum(x["reward/mean"] for x in r["rl"]) / len(r["rl"]),
@@ -272,8 +359,20 @@ def plot(args) -> int:
                 "steps": len(r["rl"]),
             }
         agg = {}
-        for key in ("mean_eval_acc_best", "zero_signal_frac", "zero_signal_frac_question", "zero_signal_first5", "zero_signal_last5", "reward", "trained_sequences_per_step",
-                    "iml_fired_per_step", "rescued_per_step", "hsft_flushes", "completion_len", "truncated_frac"):
+        for key in (
+            "mean_eval_acc_best",
+            "zero_signal_frac",
+            "zero_signal_frac_question",
+            "zero_signal_first5",
+            "zero_signal_last5",
+            "reward",
+            "trained_sequences_per_step",
+            "iml_fired_per_step",
+            "rescued_per_step",
+            "hsft_flushes",
+            "completion_len",
+            "truncated_frac",
+        ):
             agg[key] = spread([v[key] for v in per_seed.values()])
         for which in ("start", "final"):
             for k in ("acc/best", "acc/tutor", "acc/any", "acc/majority"):
@@ -282,17 +381,26 @@ def plot(args) -> int:
                     agg[f"{which}/{k}"] = spread(vals)
         gains = [v["final"]["acc/best"] - v["start"]["acc/best"] for v in per_seed.values()]
         agg["gain/acc/best"] = spread(gains)
-        gains_t = [v["final"]["acc/tutor"] - v["start"]["acc/tutor"] for v in per_seed.values() if v["final"]["acc/tutor"] is not None]
+        gains_t = [
+            v["final"]["acc/tutor"] - v["start"]["acc/tutor"]
+            for v in per_seed.values()
+            if v["final"]["acc/tutor"] is not None
+        ]
         if gains_t:
             agg["gain/acc/tutor"] = spread(gains_t)
         summary["arms"][arm] = {"per_seed": per_seed, "over_seeds": agg}
     write_json("learning.json", summary)
-    print(f"{'arm':18}{'start best':>12}{'final best':>12}{'gain':>14}{'final tutor':>13}{'zero groups':>13}{'zero q':>9}{'reward':>9}")
+    print(
+        f"{'arm':18}{'start best':>12}{'final best':>12}{'gain':>14}{'final tutor':>13}"
+        f"{'zero groups':>13}{'zero q':>9}{'reward':>9}"
+    )
     for arm, d in summary["arms"].items():
         o = d["over_seeds"]
-        print(f"{arm:18}{o['start/acc/best']['mean']:>12.3f}{o['final/acc/best']['mean']:>12.3f}"
-              f"{o['gain/acc/best']['mean']:>+9.3f}±{o['gain/acc/best']['sd']:.3f}{o['final/acc/tutor']['mean']:>13.3f}"
-              f"{o['zero_signal_frac']['mean']:>13.3f}{o['zero_signal_frac_question']['mean']:>9.3f}{o['reward']['mean']:>9.3f}")
+        print(
+            f"{arm:18}{o['start/acc/best']['mean']:>12.3f}{o['final/acc/best']['mean']:>12.3f}"
+            f"{o['gain/acc/best']['mean']:>+9.3f}±{o['gain/acc/best']['sd']:.3f}{o['final/acc/tutor']['mean']:>13.3f}"
+            f"{o['zero_signal_frac']['mean']:>13.3f}{o['zero_signal_frac_question']['mean']:>9.3f}{o['reward']['mean']:>9.3f}"
+        )
     return 0
 
 
@@ -309,9 +417,15 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-questions", type=int, default=48)
     parser.add_argument("--backend", default="vllm", help="rollout.backend (vllm: run with the vLLM venv's python)")
-    parser.add_argument("--sft-examples", type=int, default=96, help="sft.max_examples: stage-1 questions (the default)")
-    parser.add_argument("--sft-seed", type=int, default=None,
-                        help="one stage-1 run with this seed that every RL seed starts from (default: one per seed)")
+    parser.add_argument(
+        "--sft-examples", type=int, default=96, help="sft.max_examples: stage-1 questions (the default)"
+    )
+    parser.add_argument(
+        "--sft-seed",
+        type=int,
+        default=None,
+        help="one stage-1 run with this seed that every RL seed starts from (default: one per seed)",
+    )
     parser.add_argument("--only-sft", action="store_true", help="run: only the stage-1 jobs")
     parser.add_argument("--smooth", type=int, default=3, help="moving-mean window of the per-step plots")
     args = parser.parse_args()

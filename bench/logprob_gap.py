@@ -41,9 +41,7 @@ def gap_stats(reference: list[torch.Tensor], sampler: list[torch.Tensor]) -> dic
         "p99_abs": float(delta.abs().quantile(0.99)) if delta.numel() else math.nan,
         "frac_ratio_outside_0.8_1.25": float(((ratio < 0.8) | (ratio > 1.25)).float().mean()),
         "frac_ratio_above_2": float((ratio > 2).float().mean()),
-        "mean_seq_abs_sum": float(
-            torch.stack([(r - s).sum().abs() for r, s in zip(reference, sampler)]).mean()
-        ),
+        "mean_seq_abs_sum": float(torch.stack([(r - s).sum().abs() for r, s in zip(reference, sampler)]).mean()),
     }
 
 
@@ -52,9 +50,7 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument(
-        "--dtype", default="auto", help="engine / autocast dtype: auto | bf16 | fp32"
-    )
+    parser.add_argument("--dtype", default="auto", help="engine / autocast dtype: auto | bf16 | fp32")
     args = parser.parse_args()
 
     from meml.algo.objective import TrainItem
@@ -72,11 +68,7 @@ def main() -> int:
     policy = load_policy(cfg, source).eval()
     dtype = compute_dtype(args.dtype)
     experts = experts_from_config(_default_experts())
-    prompts = [
-        prompt_ids(tokenizer, e, q, "")
-        for q in generate("train", args.questions, 2, 0)
-        for e in experts
-    ]
+    prompts = [prompt_ids(tokenizer, e, q, "") for q in generate("train", args.questions, 2, 0) for e in experts]
 
     engine = VLLMEngine(policy, tokenizer, dtype, sequences_per_generate=48)
     t0 = time.perf_counter()
@@ -94,9 +86,7 @@ def main() -> int:
     references = {"policy, fp32": scored(policy, contextlib.nullcontext)}
     if dtype != torch.float32:
         references["policy, autocast"] = scored(policy, lambda: torch.autocast("cpu", dtype=dtype))
-        references["bf16 weight copy"] = scored(
-            copy.deepcopy(policy).to(dtype), contextlib.nullcontext
-        )
+        references["bf16 weight copy"] = scored(copy.deepcopy(policy).to(dtype), contextlib.nullcontext)
     report = {
         "engine_dtype": str(dtype).removeprefix("torch."),
         "sequences": len(items),
@@ -110,11 +100,10 @@ def main() -> int:
         )
 
     print(
-        f"vLLM sampler ({report['engine_dtype']}): {len(items)} sequences, {report['gaps']['policy, fp32']['tokens']} tokens"
+        f"vLLM sampler ({report['engine_dtype']}): {len(items)} sequences, "
+        f"{report['gaps']['policy, fp32']['tokens']} tokens"
     )
-    print(
-        f"{'reference':26}{'mean |d|':>10}{'max |d|':>10}{'p99 |d|':>10}{'outside [0.8,1.25]':>20}{'ratio > 2':>11}"
-    )
+    print(f"{'reference':26}{'mean |d|':>10}{'max |d|':>10}{'p99 |d|':>10}{'outside [0.8,1.25]':>20}{'ratio > 2':>11}")
     rows = list(report["gaps"].items())
     if "gaps_hf_bf16_copy_vs_policy_autocast" in report:
         rows.append(("(HF bf16 copy vs autocast)", report["gaps_hf_bf16_copy_vs_policy_autocast"]))

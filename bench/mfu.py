@@ -66,7 +66,8 @@ def peaks(threads: int, hidden: int, intermediate: int, rollout_rows: int) -> di
     return {
         "square_gflops": {str(n): v / 1e9 for n, v in square.items()},
         "peak_gflops": max(square.values()) / 1e9,
-        "decode_mlp_gflops": matmul_rate(rollout_rows, hidden, intermediate, threads) / 1e9,  # one decode step of the batch
+        "decode_mlp_gflops": matmul_rate(rollout_rows, hidden, intermediate, threads)
+        / 1e9,  # one decode step of the batch
         "train_mlp_gflops": matmul_rate(4096, hidden, intermediate, threads) / 1e9,  # a 4096-token micro-batch
     }
 
@@ -75,12 +76,23 @@ def child(args) -> dict:
     import torch
 
     out = tempfile.mkdtemp(prefix="mfu-")
-    overrides = [f"{k}={v}" for k, v in {
-        "output_dir": out, "seed": args.seed, "rollout.backend": args.backend, "train.steps": args.steps,
-        "train.questions_per_step": args.questions, "rollout.num_generations_per_expert": args.generations,
-        "rollout.max_new_tokens": args.max_new_tokens, "sft.enabled": "false", "eval.before": "false",
-        "eval.after": "false", "log.progress": "false", "algo.hsft.max_wrong": min(3, args.generations - 1),
-    }.items()]
+    overrides = [
+        f"{k}={v}"
+        for k, v in {
+            "output_dir": out,
+            "seed": args.seed,
+            "rollout.backend": args.backend,
+            "train.steps": args.steps,
+            "train.questions_per_step": args.questions,
+            "rollout.num_generations_per_expert": args.generations,
+            "rollout.max_new_tokens": args.max_new_tokens,
+            "sft.enabled": "false",
+            "eval.before": "false",
+            "eval.after": "false",
+            "log.progress": "false",
+            "algo.hsft.max_wrong": min(3, args.generations - 1),
+        }.items()
+    ]
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     threads = torch.get_num_threads()
@@ -100,17 +112,32 @@ def summarize(run: dict, warmup: int, backend: str) -> dict:
     gen_flops = sum(st["counts"].get("gen_flops", 0.0) for st in measured)
     train_flops = sum(st["counts"].get("train_flops", 0.0) for st in measured)
     peak = run["peak"][f"threads_{run['threads']}"]["peak_gflops"] * 1e9
-    gen_peak = run["peak"]["threads_1"]["peak_gflops"] * 1e9 if backend == "vllm" else peak  # vLLM decodes on one thread
+    gen_peak = (
+        run["peak"]["threads_1"]["peak_gflops"] * 1e9 if backend == "vllm" else peak
+    )  # vLLM decodes on one thread
     return {
-        "measured_steps": len(measured), "step_time_s": step_s / len(measured), "generate_s": gen_s / len(measured),
-        "update_s": update_s / len(measured), "gen_tflops_per_step": gen_flops / len(measured) / 1e12,
-        "train_tflops_per_step": train_flops / len(measured) / 1e12, "peak_gflops": peak / 1e9, "gen_peak_gflops": gen_peak / 1e9,
-        "achieved_gflops": {"generation": gen_flops / gen_s / 1e9, "update": train_flops / update_s / 1e9,
-                            "step": (gen_flops + train_flops) / step_s / 1e9},
-        "mfu": {"generation": gen_flops / gen_s / gen_peak, "update": train_flops / update_s / peak,
-                "step": (gen_flops + train_flops) / step_s / peak},
-        "trained_rows_per_step": {k.split("/")[1]: sum(st["counts"].get(k, 0) for st in measured) / len(measured)
-                                  for k in ("train_rows/pg", "train_rows/iml", "train_rows/sft")},
+        "measured_steps": len(measured),
+        "step_time_s": step_s / len(measured),
+        "generate_s": gen_s / len(measured),
+        "update_s": update_s / len(measured),
+        "gen_tflops_per_step": gen_flops / len(measured) / 1e12,
+        "train_tflops_per_step": train_flops / len(measured) / 1e12,
+        "peak_gflops": peak / 1e9,
+        "gen_peak_gflops": gen_peak / 1e9,
+        "achieved_gflops": {
+            "generation": gen_flops / gen_s / 1e9,
+            "update": train_flops / update_s / 1e9,
+            "step": (gen_flops + train_flops) / step_s / 1e9,
+        },
+        "mfu": {
+            "generation": gen_flops / gen_s / gen_peak,
+            "update": train_flops / update_s / peak,
+            "step": (gen_flops + train_flops) / step_s / peak,
+        },
+        "trained_rows_per_step": {
+            k.split("/")[1]: sum(st["counts"].get(k, 0) for st in measured) / len(measured)
+            for k in ("train_rows/pg", "train_rows/iml", "train_rows/sft")
+        },
         "completion_tokens_per_step": sum(st["completion_tokens"] for st in measured) / len(measured),
         "padding_overhead_train": sum(st["counts"].get("train_padded_tokens", 0) for st in measured)
         / max(1, sum(sum(v for k, v in st["counts"].items() if k.startswith("train_tokens/")) for st in measured)),
@@ -120,7 +147,9 @@ def summarize(run: dict, warmup: int, backend: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="meml")
-    parser.add_argument("--model", default="", help="model.name_or_path (e.g. a stage-1 checkpoint's model/); default: the base model")
+    parser.add_argument(
+        "--model", default="", help="model.name_or_path (e.g. a stage-1 checkpoint's model/); default: the base model"
+    )
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--generations", type=int, default=4, help="G per (question, expert)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -138,9 +167,27 @@ def main() -> int:
     if args.child:
         emit(child(args))
         return 0
-    argv = ["--preset", args.preset, "--model", args.model, "--questions", str(args.questions), "--generations", str(args.generations),
-            "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--seed", str(args.seed)]
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("backend", "child")}, "machine": machine(), "backends": {}}
+    argv = [
+        "--preset",
+        args.preset,
+        "--model",
+        args.model,
+        "--questions",
+        str(args.questions),
+        "--generations",
+        str(args.generations),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+    ]
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("backend", "child")},
+        "machine": machine(),
+        "backends": {},
+    }
     for backend in args.backends.split(","):
         python = args.vllm_python if backend == "vllm" else sys.executable
         wait_for_quiet(args.max_load, args.wait_s)
@@ -148,9 +195,12 @@ def main() -> int:
         run["summary"] = summarize(run, args.warmup, backend)
         report["backends"][backend] = run
         sm = run["summary"]
-        print(f"{backend}: peak {sm['peak_gflops']:.0f} GFLOP/s ({run['threads']} threads; 1 thread "
-              f"{run['peak']['threads_1']['peak_gflops']:.0f}); step {sm['step_time_s']:.1f}s "
-              f"(generate {sm['generate_s']:.1f}s, update {sm['update_s']:.1f}s); load {run['load_1m'][0]:.2f}/{run['load_1m'][1]:.2f}")
+        print(
+            f"{backend}: peak {sm['peak_gflops']:.0f} GFLOP/s ({run['threads']} threads; 1 thread "
+            f"{run['peak']['threads_1']['peak_gflops']:.0f}); step {sm['step_time_s']:.1f}s "
+            f"(generate {sm['generate_s']:.1f}s, update {sm['update_s']:.1f}s); load "
+            f"{run['load_1m'][0]:.2f}/{run['load_1m'][1]:.2f}"
+        )
         for part in ("generation", "update", "step"):
             print(f"   {part:10s} {sm['achieved_gflops'][part]:8.1f} GFLOP/s   MFU {100 * sm['mfu'][part]:5.1f}%")
     write_json(args.out, report)

@@ -166,21 +166,15 @@ def main() -> int:
         default=48,
         help="rollout.sequences_per_generate (HF: sequences per generate call)",
     )
-    parser.add_argument(
-        "--steps", type=int, default=2, help="RL steps in the train phase (0: skip it)"
-    )
+    parser.add_argument("--steps", type=int, default=2, help="RL steps in the train phase (0: skip it)")
     parser.add_argument(
         "--dtype",
         default="auto",
         help="model.dtype: auto (bf16 where the CPU has it) | bf16 | fp32",
     )
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument(
-        "--hf-python", default=sys.executable, help="interpreter for the transformers phases"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads in every phase (0: torch's default)"
-    )
+    parser.add_argument("--hf-python", default=sys.executable, help="interpreter for the transformers phases")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every phase (0: torch's default)")
     parser.add_argument("--phase", choices=("rollout", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,24 +227,18 @@ def main() -> int:
             ("RL step (s)", lambda b: train[b]["mean_step_time_s"]),
             (
                 "  of which generate (s)",
-                lambda b: (
-                    sum(s["time/generate_s"] for s in train[b]["steps"]) / len(train[b]["steps"])
-                ),
+                lambda b: sum(s["time/generate_s"] for s in train[b]["steps"]) / len(train[b]["steps"]),
             ),
             (
                 "  of which update+sync (s)",
-                lambda b: (
-                    sum(s["time/update_s"] for s in train[b]["steps"]) / len(train[b]["steps"])
-                ),
+                lambda b: sum(s["time/update_s"] for s in train[b]["steps"]) / len(train[b]["steps"]),
             ),
             (f"run wall, {args.steps} steps (s)", lambda b: train[b]["run_wall_s"]),
         ]
     for label, get in rows:
         print(f"{label:24}" + "".join(f"{get(b):>14.2f}" for b in backends))
     if report.get("break_even_steps") is not None:
-        print(
-            f"vLLM pays back its start-up after {report['break_even_steps']:.2f} RL steps at these sizes"
-        )
+        print(f"vLLM pays back its start-up after {report['break_even_steps']:.2f} RL steps at these sizes")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS}")

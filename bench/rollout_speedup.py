@@ -55,8 +55,14 @@ def child(args) -> dict:
     source = resolve_model_source(cfg)
     tokenizer, policy = load_tokenizer(cfg, source), load_policy(cfg, source)
     experts = experts_from_config(_default_experts())
-    train = [prompt_ids(tokenizer, e, q, NUMERIC_FORMAT) for q in generate("train", args.questions, 2, 0) for e in experts]
-    test = [prompt_ids(tokenizer, e, q, NUMERIC_FORMAT) for q in generate("test", args.eval_questions, 2, 0) for e in experts]
+    train = [
+        prompt_ids(tokenizer, e, q, NUMERIC_FORMAT) for q in generate("train", args.questions, 2, 0) for e in experts
+    ]
+    test = [
+        prompt_ids(tokenizer, e, q, NUMERIC_FORMAT)
+        for q in generate("test", args.eval_questions, 2, 0)
+        for e in experts
+    ]
     engine = make_engine("hf", policy, tokenizer, compute_dtype("auto"), len(train) * args.samples)
     if args.variant == "before":
         restore_before(engine)
@@ -69,7 +75,10 @@ def child(args) -> dict:
     out["rollout_tokens"] = sum(len(g.token_ids) for group in groups for g in group)
     out["rollout_sequences"] = len(train) * args.samples
     out["rollout_tokens_per_s"] = out["rollout_tokens"] / out["rollout_s"]
-    out["rss_mb_before_rollout"], out["peak_rss_mb_after_rollout"] = rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_mb_before_rollout"], out["peak_rss_mb_after_rollout"] = (
+        rss,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     engine.batch_size = len(test)
     t = time.perf_counter()
     greedy = engine.generate(test, SamplingParams(1, 0.0, 1.0, args.eval_new_tokens, 0))
@@ -94,19 +103,40 @@ def main() -> int:
     if args.variant:
         emit(child(args))
         return 0
-    argv = ["--questions", str(args.questions), "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
-            "--eval-questions", str(args.eval_questions), "--eval-new-tokens", str(args.eval_new_tokens)]
+    argv = [
+        "--questions",
+        str(args.questions),
+        "--samples",
+        str(args.samples),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--eval-questions",
+        str(args.eval_questions),
+        "--eval-new-tokens",
+        str(args.eval_new_tokens),
+    ]
     runs = {}
     for variant in ("before", "after"):
         wait_for_quiet(args.max_load, args.wait_s)
         runs[variant] = run_child([sys.executable, __file__, "--variant", variant, *argv], label=variant)
     print(f"\n{'':34}{'before':>12}{'after':>12}{'after/before':>14}")
-    for label, key in [("rollout (s)", "rollout_s"), ("rollout tokens/s", "rollout_tokens_per_s"), ("greedy eval batch (s)", "eval_s"),
-                       ("peak RSS after rollout (MB)", "peak_rss_mb_after_rollout"), ("peak RSS after eval batch (MB)", "peak_rss_mb_after_eval")]:
+    for label, key in [
+        ("rollout (s)", "rollout_s"),
+        ("rollout tokens/s", "rollout_tokens_per_s"),
+        ("greedy eval batch (s)", "eval_s"),
+        ("peak RSS after rollout (MB)", "peak_rss_mb_after_rollout"),
+        ("peak RSS after eval batch (MB)", "peak_rss_mb_after_eval"),
+    ]:
         b, a = runs["before"][key], runs["after"][key]
         print(f"{label:34}{b:>12.1f}{a:>12.1f}{a / b:>14.2f}")
-    print("load 1m before/after: " + ", ".join(f"{v} {r['load_1m'][0]:.2f}/{r['load_1m'][1]:.2f}" for v, r in runs.items()))
-    write_json("rollout_speedup.json", {"config": {k: v for k, v in vars(args).items() if k != "variant"}, "machine": machine(), "runs": runs})
+    print(
+        "load 1m before/after: "
+        + ", ".join(f"{v} {r['load_1m'][0]:.2f}/{r['load_1m'][1]:.2f}" for v, r in runs.items())
+    )
+    write_json(
+        "rollout_speedup.json",
+        {"config": {k: v for k, v in vars(args).items() if k != "variant"}, "machine": machine(), "runs": runs},
+    )
     return 0
 
 

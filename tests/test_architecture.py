@@ -74,8 +74,10 @@ def upward_imports(src: Path = SRC) -> list[str]:
                 problems.append(f"{path.relative_to(src.parent)}:{line}: {here} or {there} is not a layer of LAYERS")
             elif LAYERS[there] >= LAYERS[here]:
                 kind = "a sibling of the same layer" if LAYERS[there] == LAYERS[here] else "a higher layer"
-                problems.append(f"{path.relative_to(src.parent)}:{line}: {here} (layer {LAYERS[here]}) imports {target}, {kind} "
-                                f"({there}, layer {LAYERS[there]})")
+                problems.append(
+                    f"{path.relative_to(src.parent)}:{line}: {here} (layer {LAYERS[here]}) imports {target}, {kind} "
+                    f"({there}, layer {LAYERS[there]})"
+                )
     return problems
 
 
@@ -136,16 +138,28 @@ def test_every_package_is_a_layer():
 
 def test_the_check_catches_an_upward_import(tmp_path):
     fake = tmp_path / "meml"
-    for pkg, text in {"core": "from meml.train.loop import train\n", "train": "from meml.core.types import Example\n"}.items():
+    for pkg, text in {
+        "core": "from meml.train.loop import train\n",
+        "train": "from meml.core.types import Example\n",
+    }.items():
         (fake / pkg).mkdir(parents=True)
         (fake / pkg / "__init__.py").write_text("")
         (fake / pkg / "mod.py").write_text(text)
     (fake / "__init__.py").write_text("")
-    assert upward_imports(fake) == ["meml/core/mod.py:1: core (layer 0) imports meml.train.loop, a higher layer (train, layer 4)"]
+    assert upward_imports(fake) == [
+        "meml/core/mod.py:1: core (layer 0) imports meml.train.loop, a higher layer (train, layer 4)"
+    ]
 
 
-@pytest.mark.parametrize("text", ["import meml.cli.app\n", "from meml.cli import app\n", "from meml import cli\n",
-                                  "if True:\n    def f():\n        from meml.cli.app import main\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "import meml.cli.app\n",
+        "from meml.cli import app\n",
+        "from meml import cli\n",
+        "if True:\n    def f():\n        from meml.cli.app import main\n",
+    ],
+)
 def test_every_form_of_import_is_read(tmp_path, text):
     fake = tmp_path / "meml"
     (fake / "eval").mkdir(parents=True)

@@ -105,13 +105,26 @@ def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k"):
         assert not hub.looks_like_local_path(hub_id), hub_id
-    for path in ("./model", "../m", "/abs/model", "~/models/x", "a/b/c", "model.gguf", "data/train.jsonl",
-                 "runs/sft-1", "my model", "C:\\models\\x", "data/{split}.jsonl"):
+    for path in (
+        "./model",
+        "../m",
+        "/abs/model",
+        "~/models/x",
+        "a/b/c",
+        "model.gguf",
+        "data/train.jsonl",
+        "runs/sft-1",
+        "my model",
+        "C:\\models\\x",
+        "data/{split}.jsonl",
+    ):
         assert hub.looks_like_local_path(path), path
 
 
 @pytest.mark.parametrize("name", ["./no/such/model", "runs/sft-typo", "~/no-such-dir/model"])
-def test_a_missing_local_model_path_is_not_looked_up_on_the_hub(name, tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub):
+def test_a_missing_local_model_path_is_not_looked_up_on_the_hub(
+    name, tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     code, err, _ = _train(capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": name})
@@ -142,13 +155,18 @@ def _damaged_model(kind: str, tiny_model_dir: Path, tmp_path: Path) -> tuple[Pat
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("no weights", "has a config.json but no weights"),
-    ("truncated safetensors", "not a readable safetensors file"),
-    ("broken config.json", "not valid JSON"),
-    ("fake gguf", "not a GGUF file"),
-])
-def test_a_damaged_model_is_an_error_naming_the_file_before_loading(kind, message, tiny_model_dir, tmp_path, capsys, no_model_load):
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("no weights", "has a config.json but no weights"),
+        ("truncated safetensors", "not a readable safetensors file"),
+        ("broken config.json", "not valid JSON"),
+        ("fake gguf", "not a GGUF file"),
+    ],
+)
+def test_a_damaged_model_is_an_error_naming_the_file_before_loading(
+    kind, message, tiny_model_dir, tmp_path, capsys, no_model_load
+):
     path, named = _damaged_model(kind, tiny_model_dir, tmp_path)
     code, err, _ = _train(capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": path})
     assert code == 2
@@ -166,8 +184,12 @@ def test_a_model_directory_the_loader_rejects_is_a_model_load_error(tiny_model_d
 
 
 def test_lora_target_modules_the_model_lacks_are_a_model_load_error(tiny_model_dir, tmp_path, capsys):
-    code, err, _ = _train(capsys, tiny_model_dir, tmp_path / "out",
-                          **{"model.lora.enabled": "true", "model.lora.target_modules": "[no_such_proj]"})
+    code, err, _ = _train(
+        capsys,
+        tiny_model_dir,
+        tmp_path / "out",
+        **{"model.lora.enabled": "true", "model.lora.target_modules": "[no_such_proj]"},
+    )
     assert code == 2
     assert "error: model.lora: Target modules {'no_such_proj'} not found in the base model" in err
     assert "(model.lora.target_modules=['no_such_proj'])" in err
@@ -175,15 +197,21 @@ def test_lora_target_modules_the_model_lacks_are_a_model_load_error(tiny_model_d
 
 def test_an_uncached_hub_id_offline_fails_at_once(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err, seconds = _train(capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": "meml-tests/no-such-model"})
+    code, err, seconds = _train(
+        capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": "meml-tests/no-such-model"}
+    )
     assert code == 2
     assert "model.name_or_path='meml-tests/no-such-model' is not a local path" in err
     assert "not in the Hugging Face cache while HF_HUB_OFFLINE is set" in err
     assert seconds < 20
 
 
-def test_an_uncached_hub_id_without_network_fails_at_once(tiny_model_dir, tmp_path, capsys, no_model_load, hub_unreachable):
-    code, err, seconds = _train(capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": "meml-tests/no-such-model"})
+def test_an_uncached_hub_id_without_network_fails_at_once(
+    tiny_model_dir, tmp_path, capsys, no_model_load, hub_unreachable
+):
+    code, err, seconds = _train(
+        capsys, tiny_model_dir, tmp_path / "out", **{"model.name_or_path": "meml-tests/no-such-model"}
+    )
     assert code == 2
     assert "the Hugging Face hub (https://huggingface.co) cannot be reached" in err
     assert "Network is unreachable" in err
@@ -240,7 +268,9 @@ def test_a_corrupt_parquet_file_names_the_file(tiny_model_dir, tmp_path, capsys,
     assert f"{data / 'train.parquet'}: not a readable parquet file" in err
 
 
-def test_a_task_path_typo_is_not_looked_up_on_the_hub(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub):
+def test_a_task_path_typo_is_not_looked_up_on_the_hub(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     code, err, seconds = _train(capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "data/gsm8kk"})
@@ -250,7 +280,9 @@ def test_a_task_path_typo_is_not_looked_up_on_the_hub(tiny_model_dir, tmp_path, 
 
 
 def test_a_hub_dataset_without_network_fails_at_once(tiny_model_dir, tmp_path, capsys, no_model_load, hub_unreachable):
-    code, err, seconds = _train(capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"})
+    code, err, seconds = _train(
+        capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"}
+    )
     assert code == 2
     assert "task.path='meml-tests/no-such-dataset' is not a local path, and the Hugging Face hub" in err
     assert "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err
@@ -258,7 +290,9 @@ def test_a_hub_dataset_without_network_fails_at_once(tiny_model_dir, tmp_path, c
 
 
 def test_an_uncached_hub_dataset_offline_is_a_data_error(tiny_model_dir, tmp_path, capsys, no_model_load):
-    code, err, seconds = _train(capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"})
+    code, err, seconds = _train(
+        capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"}
+    )
     assert code == 2
     assert "task.path='meml-tests/no-such-dataset': could not load split 'train' from the Hugging Face hub" in err
     assert seconds < 20
@@ -275,7 +309,9 @@ def test_a_preset_with_a_yaml_syntax_error_names_the_file_and_line(tmp_path, cap
     assert re.search(rf"config error: {re.escape(str(preset))}:4:\d+: not valid YAML", err)
 
 
-def test_vllm_backend_without_vllm_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
+def test_vllm_backend_without_vllm_fails_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load
+):
     import importlib.util
 
     find_spec = importlib.util.find_spec
@@ -285,11 +321,15 @@ def test_vllm_backend_without_vllm_fails_before_the_model_loads(tiny_model_dir, 
     assert "rollout.backend=vllm: the vllm package is not installed" in err
 
 
-def test_vllm_backend_with_several_processes_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
+def test_vllm_backend_with_several_processes_fails_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load
+):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a)
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err, _ = _train(capsys, tiny_model_dir, tmp_path / "out", **{"rollout.backend": "vllm"})
     assert code == 2
@@ -313,17 +353,30 @@ class _Saved:
         (path / name).write_text("{}")
 
 
-@pytest.mark.parametrize(("saved_lora", "message"), [
-    (False, "model.lora.enabled=true, but checkpoint .*rl-000001 holds a full fine-tune"),
-    (True, "model.lora.enabled=false, but checkpoint .*rl-000001 holds a LoRA adapter"),
-])
-def test_resuming_a_checkpoint_of_the_other_kind_fails_before_the_model_loads(saved_lora, message, tiny_model_dir, tmp_path, capsys, no_model_load):
+@pytest.mark.parametrize(
+    ("saved_lora", "message"),
+    [
+        (False, "model.lora.enabled=true, but checkpoint .*rl-000001 holds a full fine-tune"),
+        (True, "model.lora.enabled=false, but checkpoint .*rl-000001 holds a LoRA adapter"),
+    ],
+)
+def test_resuming_a_checkpoint_of_the_other_kind_fails_before_the_model_loads(
+    saved_lora, message, tiny_model_dir, tmp_path, capsys, no_model_load
+):
     from meml.train import checkpoint as ckpt
 
     out = tmp_path / "run"
-    saved_cfg = load_config(None, tiny_overrides(tiny_model_dir, out, **{"model.lora.enabled": str(saved_lora).lower()}))
+    saved_cfg = load_config(
+        None, tiny_overrides(tiny_model_dir, out, **{"model.lora.enabled": str(saved_lora).lower()})
+    )
     ckpt.save_checkpoint(out, "rl", 1, _Saved(saved_lora), _Saved(False), {"step": 1}, to_yaml(saved_cfg), keep_last=2)
-    code = main(["train", "--resume", *tiny_overrides(tiny_model_dir, out, **{"model.lora.enabled": str(not saved_lora).lower()})])
+    code = main(
+        [
+            "train",
+            "--resume",
+            *tiny_overrides(tiny_model_dir, out, **{"model.lora.enabled": str(not saved_lora).lower()}),
+        ]
+    )
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
 
@@ -343,18 +396,25 @@ def test_gold_answers_the_verifier_cannot_read_at_all_are_an_error(tiny_model_di
 def test_some_unreadable_gold_answers_are_a_warning(tmp_path, caplog):
     rows = [*ROWS, {"question": "Which city?", "answer": "Paris"}]
     data = _generic_data(tmp_path / "data", rows)
-    cfg = load_config(None, [f"task.path={data}", "task.name=generic", "sft.enabled=false", f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        None, [f"task.path={data}", "task.name=generic", "sft.enabled=false", f"output_dir={tmp_path / 'out'}"]
+    )
     with caplog.at_level(logging.WARNING, logger="meml"):
         s = open_workload(cfg)
     assert len(s.train_examples) == len(rows)
     assert "the verifier cannot read 1 of 9 gold answers (11.1%), e.g. example 'data-train-8'" in caplog.text
 
 
-def test_a_prompt_longer_than_the_models_context_is_an_error_before_the_weights_load(tiny_model_dir, tmp_path, capsys, no_weights_load):
+def test_a_prompt_longer_than_the_models_context_is_an_error_before_the_weights_load(
+    tiny_model_dir, tmp_path, capsys, no_weights_load
+):
     rows = [*ROWS, {"question": "What is " + " + ".join(["1"] * 700) + "?", "answer": "700", "uid": "long-one"}]
     data = _generic_data(tmp_path / "data", [{**r, "uid": r.get("uid", f"r{i}")} for i, r in enumerate(rows)], ROWS)
     extra = {**GENERIC, "task.path": data, "task.options": "{id: uid}"}
     code, err, _ = _train(capsys, tiny_model_dir, tmp_path / "out", **extra)
     assert code == 2
-    assert re.search(r"the prompt of example 'long-one' \(expert '\w+'\) has \d+ tokens; with rollout.max_new_tokens=12 "
-                     r"it needs \d+ positions, more than the model's context of 1024\. 1 example\(s\) are too long", err)
+    assert re.search(
+        r"the prompt of example 'long-one' \(expert '\w+'\) has \d+ tokens; with rollout.max_new_tokens=12 "
+        r"it needs \d+ positions, more than the model's context of 1024\. 1 example\(s\) are too long",
+        err,
+    )

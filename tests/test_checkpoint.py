@@ -66,7 +66,8 @@ CORRUPTIONS = {
     "file trainer_state.pt does not match its checksum": _flip_byte,
     "missing file config.yaml": lambda p: (p / "config.yaml").unlink(),
     "manifest says rl-000001, the directory is rl-000002": lambda p: (p / "manifest.json").write_text(
-        (p.parent / "rl-000001" / "manifest.json").read_text()),
+        (p.parent / "rl-000001" / "manifest.json").read_text()
+    ),
 }
 
 
@@ -118,11 +119,19 @@ def _torch_save_to_dev_full(obj, f, *args, **kwargs):
 REAL_TORCH_SAVE = torch.save
 
 
-@pytest.mark.parametrize(("fault", "reason"), [
-    (_enospc, "No space left on device"),
-    (_torch_save_to_dev_full, "RuntimeError|incomplete: manifest lists no trainer_state.pt"),  # raises, or fails silently
-])
-def test_a_full_disk_raises_a_clear_error_and_keeps_the_previous_checkpoint(fault, reason, tmp_path, model_and_tokenizer, monkeypatch):
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (_enospc, "No space left on device"),
+        (
+            _torch_save_to_dev_full,
+            "RuntimeError|incomplete: manifest lists no trainer_state.pt",
+        ),  # raises, or fails silently
+    ],
+)
+def test_a_full_disk_raises_a_clear_error_and_keeps_the_previous_checkpoint(
+    fault, reason, tmp_path, model_and_tokenizer, monkeypatch
+):
     if fault is _torch_save_to_dev_full and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
     previous = _save(tmp_path, model_and_tokenizer, step=1, keep_last=1)
@@ -141,7 +150,10 @@ def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs, where a checkpoint of the tiny model fits once (root with mount rights only)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here; the monkeypatched full-disk tests cover the code path")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -150,7 +162,9 @@ def small_tmpfs(tmp_path):
 def test_a_really_full_disk_keeps_the_previous_checkpoint(small_tmpfs, model_and_tokenizer):
     """Real ENOSPC: safetensors and torch.save raise their own types, not OSError."""
     previous = _save(small_tmpfs, model_and_tokenizer, step=1, keep_last=1)
-    with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint .*rl-000002.*MiB free on that filesystem"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="could not write checkpoint .*rl-000002.*MiB free on that filesystem"
+    ):
         _save(small_tmpfs, model_and_tokenizer, step=2, keep_last=1, state={"filler": torch.zeros(200_000)})
     assert ckpt.validate_checkpoint(previous) is None
     assert [p.name for p in (small_tmpfs / "checkpoints").iterdir()] == ["rl-000001"]
@@ -171,7 +185,9 @@ def test_resume_choice(tmp_path, model_and_tokenizer, tiny_model_dir, caplog):
     assert find_resume_checkpoint(cfg(**{"checkpoint.resume": "auto"}), tmp_path) is None  # nothing yet: a fresh start
     first = _save(tmp_path, model_and_tokenizer, step=1, config_yaml="seed: 1\n")
     second = _save(tmp_path, model_and_tokenizer, step=2)
-    with pytest.raises(ConfigError, match="already holds checkpoints .newest rl-000002.; continue that run with --resume"):
+    with pytest.raises(
+        ConfigError, match="already holds checkpoints .newest rl-000002.; continue that run with --resume"
+    ):
         find_resume_checkpoint(cfg(), tmp_path)  # a fresh run would prune them
     (second / "manifest.json").unlink()
     (tmp_path / "checkpoints" / ".tmp-rl-000003-99999").mkdir()

@@ -26,7 +26,9 @@ def test_overrides_are_typed_and_nested():
 
 
 def test_list_and_dict_overrides_replace_whole_values():
-    cfg = load_config(None, ["experts=[{name: a, system_prompt: x}, {name: b, system_prompt: y}]", "task.options={difficulty: 3}"])
+    cfg = load_config(
+        None, ["experts=[{name: a, system_prompt: x}, {name: b, system_prompt: y}]", "task.options={difficulty: 3}"]
+    )
     assert [e.name for e in cfg.experts] == ["a", "b"]
     assert cfg.task.options == {"difficulty": 3}
 
@@ -43,12 +45,18 @@ def test_wrong_type_is_rejected():
         load_config(None, ["train.steps=abc"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algo.loss=ppo", r"algo.loss='ppo' is not valid. Did you mean 'ppo_clip'\? Choose one of: ppo_clip, reinforce"),
-    ("algo.aggregation=token", r"algo.aggregation='token'.*Choose one of: constant, seq_mean, token_mean"),
-    ("rollout.backend=vlm", r"rollout.backend='vlm'.*Did you mean 'vllm'"),
-    ("task.name=arithmetik", r"task.name='arithmetik'.*Did you mean 'arithmetic'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "algo.loss=ppo",
+            r"algo.loss='ppo' is not valid. Did you mean 'ppo_clip'\? Choose one of: ppo_clip, reinforce",
+        ),
+        ("algo.aggregation=token", r"algo.aggregation='token'.*Choose one of: constant, seq_mean, token_mean"),
+        ("rollout.backend=vlm", r"rollout.backend='vlm'.*Did you mean 'vllm'"),
+        ("task.name=arithmetik", r"task.name='arithmetik'.*Did you mean 'arithmetic'"),
+    ],
+)
 def test_bad_choice_names_the_field_and_suggests(override, message):
     """Settings naming an implementation are checked against its registry, the one list of
     names, before any model loads."""
@@ -97,21 +105,33 @@ def test_config_typo_fails_before_the_model_loads(tmp_path, capsys, monkeypatch)
     assert "Did you mean: 'steps'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["optim.eps=0"], "optim.eps=0.0 must be > 0"),
-    (["optim.beta1=1.0"], r"optim.beta1=1.0 must be in \[0, 1\)"),
-    (["optim.beta2=-0.5"], r"optim.beta2=-0.5 must be in \[0, 1\)"),
-    (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
-    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0"),
-    (["model.lora.enabled=true", "model.lora.dropout=1.0"], r"model.lora.dropout=1.0 must be in \[0, 1\)"),
-    (["model.lora.enabled=true", "model.lora.target_modules=[]"], r"model.lora.target_modules=\[\] must be a non-empty list of module names"),
-    (["model.lora.enabled=true", "model.lora.target_modules=['q_proj', ' ']"], "must be a non-empty list of module names"),
-    (["reward.timeout_s=0"], "reward.timeout_s=0.0 must be > 0"),
-    (["task.max_train_examples=0"], "task.max_train_examples=0 must be >= 1, or null for no limit"),
-    (["task.max_eval_examples=-2"], "task.max_eval_examples=-2 must be >= 1, or null for no limit"),
-    (["rollout.temperature=0"], r"rollout.temperature=0 decodes greedily.*G=rollout.num_generations_per_expert=4.*"
-                                r"every group would have zero reward variance and give no learning signal"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.eps=0"], "optim.eps=0.0 must be > 0"),
+        (["optim.beta1=1.0"], r"optim.beta1=1.0 must be in \[0, 1\)"),
+        (["optim.beta2=-0.5"], r"optim.beta2=-0.5 must be in \[0, 1\)"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0"),
+        (["model.lora.enabled=true", "model.lora.dropout=1.0"], r"model.lora.dropout=1.0 must be in \[0, 1\)"),
+        (
+            ["model.lora.enabled=true", "model.lora.target_modules=[]"],
+            r"model.lora.target_modules=\[\] must be a non-empty list of module names",
+        ),
+        (
+            ["model.lora.enabled=true", "model.lora.target_modules=['q_proj', ' ']"],
+            "must be a non-empty list of module names",
+        ),
+        (["reward.timeout_s=0"], "reward.timeout_s=0.0 must be > 0"),
+        (["task.max_train_examples=0"], "task.max_train_examples=0 must be >= 1, or null for no limit"),
+        (["task.max_eval_examples=-2"], "task.max_eval_examples=-2 must be >= 1, or null for no limit"),
+        (
+            ["rollout.temperature=0"],
+            r"rollout.temperature=0 decodes greedily.*G=rollout.num_generations_per_expert=4.*"
+            r"every group would have zero reward variance and give no learning signal",
+        ),
+    ],
+)
 def test_settings_that_cannot_work_are_rejected_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -120,8 +140,15 @@ def test_settings_that_cannot_work_are_rejected_naming_the_field(overrides, mess
 def test_what_those_checks_still_allow():
     load_config(None, ["task.max_train_examples=null", "task.max_eval_examples=1", "optim.beta2=0.999"])
     load_config(None, ["rollout.temperature=0", "train.steps=0"])  # greedy is fine when nothing is trained
-    load_config(None, ["rollout.temperature=0", "rollout.num_generations_per_expert=2", "algo.hsft.max_wrong=1",
-                       "algo.advantage_grouping=question"])  # the experts' answers differ within a question's group
+    load_config(
+        None,
+        [
+            "rollout.temperature=0",
+            "rollout.num_generations_per_expert=2",
+            "algo.hsft.max_wrong=1",
+            "algo.advantage_grouping=question",
+        ],
+    )  # the experts' answers differ within a question's group
     load_config(None, ["model.lora.target_modules=[]"])  # LoRA off: not used
 
 
@@ -151,5 +178,7 @@ def test_renamed_keys_still_work_with_a_warning(caplog, tmp_path):
     preset.write_text("sft:\n  batch_size: 7\n")
     assert load_config(str(preset)).sft.sequences_per_step == 7
     saved = to_dict(load_config())
-    saved["eval"]["batch_size"] = saved["eval"].pop("questions_per_batch") * 0 + 9  # a config.yaml written before the rename
+    saved["eval"]["batch_size"] = (
+        saved["eval"].pop("questions_per_batch") * 0 + 9
+    )  # a config.yaml written before the rename
     assert from_dict(saved).eval.questions_per_batch == 9

@@ -46,7 +46,10 @@ def test_parquet_and_split_template(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    for split, rows in {"train": [("What is 2+2?", "4")], "test": [("What is 3+3?", "6"), ("What is 1+0?", "1")]}.items():
+    for split, rows in {
+        "train": [("What is 2+2?", "4")],
+        "test": [("What is 3+3?", "6"), ("What is 1+0?", "1")],
+    }.items():
         table = pa.table({"q": [r[0] for r in rows], "a": [r[1] for r in rows]})
         pq.write_table(table, tmp_path / f"math_{split}.parquet")
     t = generic(tmp_path / "math_{split}.parquet", question="q", answer="a")
@@ -96,7 +99,11 @@ def test_unknown_mapping_column_is_a_field_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"verfier": "numeric"}, "unknown option"), ({"verifier": "regex"}, "not one of"), ({"verifier": "choice"}, "needs the column")],
+    [
+        ({"verfier": "numeric"}, "unknown option"),
+        ({"verifier": "regex"}, "not one of"),
+        ({"verifier": "choice"}, "needs the column"),
+    ],
 )
 def test_option_errors(options, match):
     with pytest.raises(DataError, match=match):

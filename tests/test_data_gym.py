@@ -35,7 +35,9 @@ def test_gym_needs_a_dataset_name():
 
 def test_gym_task_generates_and_scores():
     pytest.importorskip("reasoning_gym")
-    cfg = TaskConfig(name="gym", options={"dataset": "chain_sum", "size": 5, "seed": 3, "config": {"min_terms": 2, "max_terms": 3}})
+    cfg = TaskConfig(
+        name="gym", options={"dataset": "chain_sum", "size": 5, "seed": 3, "config": {"min_terms": 2, "max_terms": 3}}
+    )
     t = build_task(cfg)
     train, test = t.load("train"), t.load("test")
     assert len(train) == 5 and len(test) == 5

@@ -16,8 +16,15 @@ FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 @pytest.mark.parametrize(
     ("path", "name"),
-    [("gsm8k", "gsm8k"), ("gsm8k/test.jsonl", "gsm8k"), ("mathqa", "mathqa"), ("mathqa/test.json", "mathqa"),
-     ("strategyqa", "strategyqa"), ("generic", "generic"), ("generic/test.csv", "generic")],
+    [
+        ("gsm8k", "gsm8k"),
+        ("gsm8k/test.jsonl", "gsm8k"),
+        ("mathqa", "mathqa"),
+        ("mathqa/test.json", "mathqa"),
+        ("strategyqa", "strategyqa"),
+        ("generic", "generic"),
+        ("generic/test.csv", "generic"),
+    ],
 )
 def test_guess_task(path, name):
     assert guess_task(FIXTURES / path) == name
@@ -53,8 +60,14 @@ def test_inspect_single_file_with_skips_and_overrides(capsys):
 
 
 def test_inspect_generic_with_mapping(capsys):
-    args = ["data", "inspect", str(FIXTURES / "generic" / "train.jsonl"), "task.options.question=problem",
-            "task.options.answer=value", "task.options.rationale=solution"]
+    args = [
+        "data",
+        "inspect",
+        str(FIXTURES / "generic" / "train.jsonl"),
+        "task.options.question=problem",
+        "task.options.answer=value",
+        "task.options.rationale=solution",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "task generic" in out and "rationale 'prose': 3 present, verified 3/3" in out
@@ -66,7 +79,9 @@ def test_inspect_reports_data_errors(capsys):
 
 
 def test_inspect_task_name_with_path_override(capsys):
-    assert main(["data", "inspect", "mathqa", f"task.path={FIXTURES / 'mathqa'}", "-n", "0", "task.train_split=dev"]) == 0
+    assert (
+        main(["data", "inspect", "mathqa", f"task.path={FIXTURES / 'mathqa'}", "-n", "0", "task.train_split=dev"]) == 0
+    )
     out = capsys.readouterr().out
     assert "split dev: 4 rows" in out and "split test: 2 rows" in out and "===" not in out
 

@@ -159,8 +159,9 @@ def test_clean_rationale_and_mojibake():
 
 
 def test_formula_steps():
-    assert formula_steps("subtract(divide(multiply(add(const_100, 31.1), const_100), subtract(const_100, 5)), const_100)") == [
-        "100 + 31.1 = 131.1", "131.1 * 100 = 13110", "100 - 5 = 95", "13110 / 95 = 138", "138 - 100 = 38"]
+    assert formula_steps(
+        "subtract(divide(multiply(add(const_100, 31.1), const_100), subtract(const_100, 5)), const_100)"
+    ) == ["100 + 31.1 = 131.1", "131.1 * 100 = 13110", "100 - 5 = 95", "13110 / 95 = 138", "138 - 100 = 38"]
     assert formula_steps("volume_cone(3, 4)") == ["r1 = volume_cone(3, 4)"]  # meaning unclear: not worked out
     assert formula_steps("divide(5, 0)") == ["r1 = 5 / 0"]
     assert formula_steps("multiply(const_pi, power(2, const_2))") == ["2 ^ 2 = 4", "π * 4 = 12.5664"]
@@ -175,7 +176,10 @@ def test_strategyqa_fixture_answers_ids_and_rationales():
     train, dev = t.load("train"), t.load("dev")
     assert [e.id for e in train] == ["fx01", "fx02", "fx03"]
     assert [e.answer for e in train] == ["no", "yes", "no"]
-    assert train[0].rationales["prose"] == "Penguins cannot fly. Crossing the Atlantic by air requires flight.\nThe answer is no."
+    assert (
+        train[0].rationales["prose"]
+        == "Penguins cannot fly. Crossing the Atlantic by air requires flight.\nThe answer is no."
+    )
     steps = train[0].rationales["steps"].splitlines()
     assert steps[1] == "2. Is the answer to step 1 needed to fly across the Atlantic?"
     assert train[0].columns["term"] == "Penguin"
@@ -221,9 +225,26 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     calls = []
     rows = {
         "openai/gsm8k": [{"question": "1+1?", "answer": "1+1=2\n#### 2"}],
-        "allenai/math_qa": [{"Problem": "1+1 ?", "Rationale": "2", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5",
-                             "correct": "b", "annotated_formula": "add(1, 1)", "linear_formula": "", "category": "general"}],
-        "ChilleD/StrategyQA": [{"qid": "h1", "question": "Is 2 even?", "answer": True, "facts": "2 is divisible by 2.", "decomposition": []}],
+        "allenai/math_qa": [
+            {
+                "Problem": "1+1 ?",
+                "Rationale": "2",
+                "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5",
+                "correct": "b",
+                "annotated_formula": "add(1, 1)",
+                "linear_formula": "",
+                "category": "general",
+            }
+        ],
+        "ChilleD/StrategyQA": [
+            {
+                "qid": "h1",
+                "question": "Is 2 even?",
+                "answer": True,
+                "facts": "2 is divisible by 2.",
+                "decomposition": [],
+            }
+        ],
     }
 
     def fake_load_dataset(source, config=None, split=None):
@@ -235,4 +256,8 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     assert build_task(TaskConfig(name="mathqa")).load("dev")[0].id == "mathqa-dev-0"
     strategy = build_task(TaskConfig(name="strategyqa")).load("dev")[0]
     assert strategy.rationales["prose"] == "2 is divisible by 2.\nThe answer is yes."
-    assert calls == [("openai/gsm8k", "main", "test"), ("allenai/math_qa", None, "validation"), ("ChilleD/StrategyQA", None, "test")]
+    assert calls == [
+        ("openai/gsm8k", "main", "test"),
+        ("allenai/math_qa", None, "validation"),
+        ("ChilleD/StrategyQA", None, "test"),
+    ]

@@ -213,7 +213,9 @@ def test_client_connection_refused_is_retried_then_reported(server):
 
 def test_concurrency_is_bounded(server, tmp_path):
     server.delay_s = 0.1
-    report = run_distill(load_config(None, _overrides(tmp_path, server, **{"distill.concurrency": 3, "distill.max_examples": 6})))
+    report = run_distill(
+        load_config(None, _overrides(tmp_path, server, **{"distill.concurrency": 3, "distill.max_examples": 6}))
+    )
     assert 2 <= server.max_in_flight <= 3
     rows = _rows(tmp_path / "traces.jsonl")
     assert len(rows) == 12 and all(r["verified"] for r in rows)
@@ -230,7 +232,9 @@ def test_rejection_sampling_keeps_first_verified_and_flags_the_rest(server, tmp_
 
     out = tmp_path / "one_try.jsonl"
     server.default = "wrong"
-    report = run_distill(load_config(None, _overrides(tmp_path, server, **{"distill.samples_per_question": 1, "distill.output": out})))
+    report = run_distill(
+        load_config(None, _overrides(tmp_path, server, **{"distill.samples_per_question": 1, "distill.output": out}))
+    )
     assert report["checker"]["unverified"] == 4 and report["checker"]["attempts"] == 4
     rows = _rows(out)
     assert len(rows) == 8 and not any(r["verified"] for r in rows)
@@ -306,7 +310,12 @@ def test_an_expert_trains_on_the_written_file(server, tmp_path):
     run_distill(load_config(None, _overrides(tmp_path, server)))
     cfg = load_config(None, [*_overrides(tmp_path), "sft.max_examples=4", f"experts.2.trace_source=file:{out}"])
     s = open_workload(cfg)
-    assert s.trace_report["checker"] == {"source": f"file:{out}", "kept": 4, "dropped_unverified": 0, "unknown_question": 0}
+    assert s.trace_report["checker"] == {
+        "source": f"file:{out}",
+        "kept": 4,
+        "dropped_unverified": 0,
+        "unknown_question": 0,
+    }
     assert s.traces[(s.train_examples[0].id, 2)].startswith("Work it out.")
 
 
@@ -370,10 +379,18 @@ def test_a_redirect_to_another_host_gets_neither_the_key_nor_a_trace(tmp_path, m
     with _serving(_Recorder()) as other:
         location = f"{other.base_url}/chat/completions?leaked={KEY}"  # a target that names the key: scrubbed too
         with _serving(_Recorder(302, {"Location": location})) as endpoint:
-            rc = main(["-v", "distill", *_overrides(tmp_path, **{"distill.base_url": endpoint.base_url, "distill.concurrency": 1})])
+            rc = main(
+                [
+                    "-v",
+                    "distill",
+                    *_overrides(tmp_path, **{"distill.base_url": endpoint.base_url, "distill.concurrency": 1}),
+                ]
+            )
     out, err = capsys.readouterr()
     assert rc == 2 and "HTTP 302 redirects to another host (http://127.0.0.1:" in err and "not followed" in err
-    assert len(endpoint.requests) == 1 and endpoint.requests[0]["auth"] == f"Bearer {KEY}"  # one request, then the run stops
+    assert (
+        len(endpoint.requests) == 1 and endpoint.requests[0]["auth"] == f"Bearer {KEY}"
+    )  # one request, then the run stops
     assert other.requests == []
     traces = tmp_path / "traces.jsonl"
     assert not traces.exists() or traces.read_text() == ""
@@ -384,7 +401,9 @@ def test_a_redirect_to_another_host_gets_neither_the_key_nor_a_trace(tmp_path, m
 def test_a_redirect_within_the_endpoint_is_still_followed():
     """Same scheme, host and port: urllib's usual handling (a 302 to a POST becomes a GET)."""
     with _serving(_Recorder(plan=[(302, {"Location": "/v1/moved"})])) as srv:
-        reply = ChatClient(srv.base_url, "m", KEY, timeout_s=2, max_retries=0).complete([{"role": "user", "content": "hi"}], 0.0, 1.0, 8)
+        reply = ChatClient(srv.base_url, "m", KEY, timeout_s=2, max_retries=0).complete(
+            [{"role": "user", "content": "hi"}], 0.0, 1.0, 8
+        )
     assert reply.content == "The answer is 0."
     assert [(r["method"], r["path"]) for r in srv.requests] == [("POST", "/v1/chat/completions"), ("GET", "/v1/moved")]
 
@@ -416,13 +435,18 @@ def test_a_user_and_password_in_the_base_url_are_refused_without_echoing_them():
     assert "hunter2" not in str(err.value) and "https://api.example.com/v1" in str(err.value)
 
 
-@pytest.mark.parametrize("value", [KEY, "sk_live_51Habcdef", "hf_AbCdEfGhIjKlMnOpQr", "Bearer abc", "gsk_0123", "AbCdEf0123456789GhIjKlMnOp"])
+@pytest.mark.parametrize(
+    "value", [KEY, "sk_live_51Habcdef", "hf_AbCdEfGhIjKlMnOpQr", "Bearer abc", "gsk_0123", "AbCdEf0123456789GhIjKlMnOp"]
+)
 def test_a_key_given_as_api_key_env_is_refused_without_showing_it(value, tmp_path, monkeypatch, caplog, capsys):
     from meml.cli import main
 
     monkeypatch.setattr(ChatClient, "backoff_base_s", 0.01)  # the code before this check tried a dead port
     caplog.set_level(logging.DEBUG, logger="meml")
-    args = _overrides(tmp_path, **{"distill.api_key_env": value, "distill.base_url": "http://127.0.0.1:9/v1", "distill.max_retries": 0})
+    args = _overrides(
+        tmp_path,
+        **{"distill.api_key_env": value, "distill.base_url": "http://127.0.0.1:9/v1", "distill.max_retries": 0},
+    )
     rc = main(["-v", "distill", *args])
     out, err = capsys.readouterr()
     assert rc == 2 and "distill.api_key_env must be the NAME of the environment variable" in err
@@ -431,20 +455,25 @@ def test_a_key_given_as_api_key_env_is_refused_without_showing_it(value, tmp_pat
     assert not (tmp_path / "run").exists() and not (tmp_path / "traces.jsonl").exists()  # no config.yaml holding it
 
 
-@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "DEEPSEEK_API_KEY", "ARK_API_KEY", "HF_TOKEN", "my_teacher_key", "KEY2"])
+@pytest.mark.parametrize(
+    "name", ["OPENAI_API_KEY", "DEEPSEEK_API_KEY", "ARK_API_KEY", "HF_TOKEN", "my_teacher_key", "KEY2"]
+)
 def test_variable_names_are_not_mistaken_for_keys(name):
     assert not looks_like_a_key(name)
 
 
-@pytest.mark.parametrize(("url", "key", "warned"), [
-    ("http://192.0.2.1:8000/v1", KEY, True),
-    ("http://teacher.example.com/v1", KEY, True),
-    ("http://192.0.2.1:8000/v1", None, False),  # no key to expose
-    ("https://192.0.2.1/v1", KEY, False),
-    ("http://127.0.0.1:8000/v1", KEY, False),
-    ("http://localhost:8000/v1", KEY, False),
-    ("http://[::1]:8000/v1", KEY, False),
-])
+@pytest.mark.parametrize(
+    ("url", "key", "warned"),
+    [
+        ("http://192.0.2.1:8000/v1", KEY, True),
+        ("http://teacher.example.com/v1", KEY, True),
+        ("http://192.0.2.1:8000/v1", None, False),  # no key to expose
+        ("https://192.0.2.1/v1", KEY, False),
+        ("http://127.0.0.1:8000/v1", KEY, False),
+        ("http://localhost:8000/v1", KEY, False),
+        ("http://[::1]:8000/v1", KEY, False),
+    ],
+)
 def test_plain_http_to_another_machine_warns_that_the_key_is_unencrypted(url, key, warned, caplog):
     caplog.set_level(logging.WARNING, logger="meml")
     ChatClient(url, "m", key, timeout_s=1, max_retries=0)  # nothing is sent yet

@@ -50,7 +50,11 @@ def test_keep_first_verified_takes_the_first_that_verifies():
 
 @pytest.mark.parametrize("teacher", ["self", "hf"])
 def test_local_teacher_writes_one_row_per_pair_and_resumes(tiny_model_dir, tmp_path, teacher):
-    cfg = _cfg(tiny_model_dir, tmp_path, **{"distill.teacher": teacher, "distill.model": str(tiny_model_dir) if teacher == "hf" else ""})
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path,
+        **{"distill.teacher": teacher, "distill.model": str(tiny_model_dir) if teacher == "hf" else ""},
+    )
     report = run_distill(cfg)
     rows = _rows(tmp_path / "traces.jsonl")
     assert len(rows) == 6 and all(set(r) == ROW_KEYS for r in rows)
@@ -78,8 +82,13 @@ def test_self_teacher_keeps_the_first_verified_sample(tiny_model_dir, tmp_path, 
         for ids in prompts:
             prompt = self.tokenizer.decode(ids)
             gold = next(ex.answer for ex in examples if ex.question in prompt)
-            out.append([Generation([], "The answer is -1.", True), Generation([], f"So the answer is {gold}.", True),
-                        Generation([], f"The answer is {gold}.", True)])
+            out.append(
+                [
+                    Generation([], "The answer is -1.", True),
+                    Generation([], f"So the answer is {gold}.", True),
+                    Generation([], f"The answer is {gold}.", True),
+                ]
+            )
         return out
 
     from meml.train.session import open_workload

@@ -37,17 +37,40 @@ def _final_params(run_dir):
 
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
     extra = {
-        "model.dtype": "fp32", "train.questions_per_step": 4, "sft.sequences_per_step": 8, "sft.max_examples": 8,
-        "optim.lr": "1e-3", "sft.lr": "1e-3", "rollout.num_generations_per_expert": 4, "algo.hsft.max_wrong": 2,
-        "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]",
+        "model.dtype": "fp32",
+        "train.questions_per_step": 4,
+        "sft.sequences_per_step": 8,
+        "sft.max_examples": 8,
+        "optim.lr": "1e-3",
+        "sft.lr": "1e-3",
+        "rollout.num_generations_per_expert": 4,
+        "algo.hsft.max_wrong": 2,
+        "reward.use_verifier": "false",
+        "reward.functions": "[reward_fns:length_parity]",
     }
     tests_dir = os.path.dirname(__file__)
     one = tmp_path / "one"
     two = tmp_path / "two"
     _run([sys.executable, "-m", "meml.cli", "train", "meml", *tiny_overrides(tiny_model_dir, one, **extra)], tests_dir)
     # --multi_gpu picks the torchrun launcher; on a machine without GPUs meml asks accelerate for gloo on CPU
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "meml.cli", "train", "meml"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "meml.cli",
+        "train",
+        "meml",
+    ]
     result = _run([*launch, *tiny_overrides(tiny_model_dir, two, **extra)], tests_dir)
     assert "2 process(es)" in result.stderr + result.stdout
     a, b = _final_params(one), _final_params(two)

@@ -22,11 +22,22 @@ from meml.eval.metrics import pass_at_k
 from meml.tasks.registry import build_task
 
 EXPERTS = [Expert("a", "sys a"), Expert("b", "sys b"), Expert("c", "sys c")]
-EXAMPLES = [Example("q1", "?", "7"), Example("q2", "?", "10"), Example("q3", "?", "5"), Example("q4", "?", "not a number")]
+EXAMPLES = [
+    Example("q1", "?", "7"),
+    Example("q2", "?", "10"),
+    Example("q3", "?", "5"),
+    Example("q4", "?", "not a number"),
+]
 GREEDY = {  # (question, expert) -> greedy completion
-    ("q1", "a"): "3 + 4 = 7. The answer is 7.", ("q1", "b"): "The answer is 7", ("q1", "c"): "The answer is 8",
-    ("q2", "a"): "The answer is 3", ("q2", "b"): "The answer is 4", ("q2", "c"): "The answer is 10",
-    ("q3", "a"): "The answer is 6", ("q3", "b"): "so the answer is 6.0", ("q3", "c"): "five, I think",
+    ("q1", "a"): "3 + 4 = 7. The answer is 7.",
+    ("q1", "b"): "The answer is 7",
+    ("q1", "c"): "The answer is 8",
+    ("q2", "a"): "The answer is 3",
+    ("q2", "b"): "The answer is 4",
+    ("q2", "c"): "The answer is 10",
+    ("q3", "a"): "The answer is 6",
+    ("q3", "b"): "so the answer is 6.0",
+    ("q3", "c"): "five, I think",
 }
 # sampled answers: expert a solves q1 in 2 of 4, expert c solves q2 in 1 of 4, nothing else
 CORRECT_SAMPLES = {("q1", "a"): 2, ("q2", "c"): 1}
@@ -56,10 +67,20 @@ class ChatTokenizer:
 
 
 def fake_session(pass_k=(1, 2, 4), samples_group=2):
-    cfg = SimpleNamespace(rollout=SimpleNamespace(temperature=1.0, top_p=1.0, num_generations_per_expert=samples_group),
-                          eval=EvalConfig(pass_k=list(pass_k), bootstrap_resamples=200, coverage_k=1), seed=0)
-    evaluator = Evaluator(ScriptedEngine(), ChatTokenizer(), EXPERTS, build_task(TaskConfig(name="arithmetic")),
-                          prompt=lambda ex, e: (ex.id, EXPERTS[e].name), temperature=1.0, top_p=1.0)
+    cfg = SimpleNamespace(
+        rollout=SimpleNamespace(temperature=1.0, top_p=1.0, num_generations_per_expert=samples_group),
+        eval=EvalConfig(pass_k=list(pass_k), bootstrap_resamples=200, coverage_k=1),
+        seed=0,
+    )
+    evaluator = Evaluator(
+        ScriptedEngine(),
+        ChatTokenizer(),
+        EXPERTS,
+        build_task(TaskConfig(name="arithmetic")),
+        prompt=lambda ex, e: (ex.id, EXPERTS[e].name),
+        temperature=1.0,
+        top_p=1.0,
+    )
     evaluator.cfg = cfg  # what the tests summarise with
     return evaluator
 

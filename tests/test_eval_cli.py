@@ -28,7 +28,16 @@ def test_eval_writes_summary_and_per_question_records(tiny_model_dir, tmp_path, 
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["questions"] == 4 and summary["samples"] == 3
-    for key in ("acc/tutor", "acc/best", "acc/any", "acc/majority", "pass@1/checker", "pass@2/best", "coverage/mixture", "zero_signal/tutor"):
+    for key in (
+        "acc/tutor",
+        "acc/best",
+        "acc/any",
+        "acc/majority",
+        "pass@1/checker",
+        "pass@2/best",
+        "coverage/mixture",
+        "zero_signal/tutor",
+    ):
         assert key in summary
     assert summary["settings"]["task"]["name"] == "arithmetic"
     records = _lines(out / "records.jsonl")
@@ -41,7 +50,13 @@ def test_eval_writes_summary_and_per_question_records(tiny_model_dir, tmp_path, 
 
 def test_eval_resumes_after_a_kill_and_refuses_other_settings(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
-    args = ["eval", str(tiny_model_dir), *tiny_overrides(tiny_model_dir, out), "eval.questions_per_batch=2", "eval.samples=2"]
+    args = [
+        "eval",
+        str(tiny_model_dir),
+        *tiny_overrides(tiny_model_dir, out),
+        "eval.questions_per_batch=2",
+        "eval.samples=2",
+    ]
     assert main(args) == 0
     full = (out / "records.jsonl").read_text()
     # a kill during the second batch: one batch on disk and half a line of the next
@@ -83,7 +98,9 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 def test_periodic_evaluation_during_training(tiny_run):
     evals = [r for r in _lines(tiny_run / "metrics.jsonl") if r["stage"] == "eval"]
     assert [(r["tag"], r["step"]) for r in evals] == [("step1", 1), ("after", 2)]
-    assert all("acc/tutor" in r and "pass@1/tutor" in r and "coverage/mixture" not in r for r in evals)  # 2 samples < 3 experts
+    assert all(
+        "acc/tutor" in r and "pass@1/tutor" in r and "coverage/mixture" not in r for r in evals
+    )  # 2 samples < 3 experts
     assert len(_lines(tiny_run / "eval" / "step1.jsonl")) == 4
     results = json.loads((tiny_run / "results.json").read_text())
     assert "acc/majority" in results["after"]

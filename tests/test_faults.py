@@ -31,12 +31,12 @@ IDS = ["q1", "q2", "q3", "q4"]
 COMPLETIONS = ["a", "bb", "ccc", "dddd"]  # odd, even, odd, even
 
 
-
-
 def _call(fn, timeout_s=5.0, completions=COMPLETIONS, name=None):
     stats = RewardStats()
     columns = {"question_id": IDS[: len(completions)]}
-    values = call_reward_function(fn, name or fn.__name__, ["p"] * len(completions), completions, columns, timeout_s, IDS, stats)
+    values = call_reward_function(
+        fn, name or fn.__name__, ["p"] * len(completions), completions, columns, timeout_s, IDS, stats
+    )
     return values, stats
 
 
@@ -48,14 +48,19 @@ def test_a_raising_reward_function_gives_none_only_where_it_fails(caplog):
         values, stats = _call(reward_fns.raises_on_odd)
     assert values == [None, 1.0, None, 1.0]
     assert (stats.failures, stats.failed_ids) == (2, ["q1", "q3"])
-    assert "raises_on_odd gave None on 2 of 4 completions (RuntimeError: odd completion); examples: q1, q3" in caplog.text
+    assert (
+        "raises_on_odd gave None on 2 of 4 completions (RuntimeError: odd completion); examples: q1, q3" in caplog.text
+    )
 
 
-@pytest.mark.parametrize(("fn", "shown"), [
-    (reward_fns.calls_sys_exit, "SystemExit(0)"),
-    (reward_fns.raises_keyboard_interrupt, "KeyboardInterrupt()"),
-    (reward_fns.raises_generator_exit, "GeneratorExit('closed')"),
-])
+@pytest.mark.parametrize(
+    ("fn", "shown"),
+    [
+        (reward_fns.calls_sys_exit, "SystemExit(0)"),
+        (reward_fns.raises_keyboard_interrupt, "KeyboardInterrupt()"),
+        (reward_fns.raises_generator_exit, "GeneratorExit('closed')"),
+    ],
+)
 def test_a_reward_function_that_exits_or_interrupts_only_fails(fn, shown, caplog):
     """SystemExit, KeyboardInterrupt and other BaseExceptions from the function's thread are
     that function's failures: counted and logged with the ids, never re-raised as an exit
@@ -70,13 +75,29 @@ def test_a_reward_function_that_exits_or_interrupts_only_fails(fn, shown, caplog
 def test_training_goes_on_through_reward_functions_that_exit_or_interrupt(tiny_model_dir, tmp_path):
     """A real `meml train` process: before, the sys.exit(0) ended it with exit code 0, no
     message and no results."""
-    extra = {"sft.enabled": "false", "reward.use_verifier": "false",
-             "reward.functions": "[reward_fns:length_parity, reward_fns:calls_sys_exit, reward_fns:raises_keyboard_interrupt]"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "meml.cli", "train", *tiny_overrides(tiny_model_dir, tmp_path, **extra)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    extra = {
+        "sft.enabled": "false",
+        "reward.use_verifier": "false",
+        "reward.functions": (
+            "[reward_fns:length_parity, reward_fns:calls_sys_exit, reward_fns:raises_keyboard_interrupt]"
+        ),
+    }
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "meml.cli", "train", *tiny_overrides(tiny_model_dir, tmp_path, **extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "results.json").read_text()) == {}  # written: the run reached its end (no evals asked)
+    assert (
+        json.loads((tmp_path / "results.json").read_text()) == {}
+    )  # written: the run reached its end (no evals asked)
     rl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rl] == [1, 2]
     assert all(r["reward_failures"] == 2 * 3 * 2 * 2 for r in rl)  # 2 functions x 2 questions x 3 experts x 2 answers
@@ -95,11 +116,14 @@ def test_a_hanging_reward_function_times_out_per_completion_and_promptly(caplog)
     assert "timed out after reward.timeout_s=0.5); examples: q1, q3" in caplog.text
 
 
-@pytest.mark.parametrize(("fn", "expected"), [
-    (reward_fns.returns_nan, [None, None, None]),  # non-finite values are failures, not rewards
-    (reward_fns.one_short, [None, None, None]),  # a list of the wrong length too (and 0 for one)
-    (reward_fns.numpy_scalars, [0.5, 1.0, 1.0]),  # numpy scalars and bools are numbers
-])
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (reward_fns.returns_nan, [None, None, None]),  # non-finite values are failures, not rewards
+        (reward_fns.one_short, [None, None, None]),  # a list of the wrong length too (and 0 for one)
+        (reward_fns.numpy_scalars, [0.5, 1.0, 1.0]),  # numpy scalars and bools are numbers
+    ],
+)
 def test_malformed_reward_values(fn, expected):
     values, stats = _call(fn, completions=COMPLETIONS[:3])
     assert values == expected and stats.failures == expected.count(None)
@@ -116,8 +140,11 @@ def test_a_function_with_too_many_hung_calls_is_not_called_again(monkeypatch, ca
 
 
 def test_hung_reward_calls_do_not_hold_up_the_exit_of_the_process():
-    code = ("import reward_fns\nfrom meml.tasks.rewards import RewardStats, call_reward_function\n"
-            "print(call_reward_function(reward_fns.sleeps_forever, 'f', ['p'] * 3, ['a'] * 3, {}, 0.2, ['q'] * 3, RewardStats()))")
+    code = (
+        "import reward_fns\nfrom meml.tasks.rewards import RewardStats, call_reward_function\n"
+        "print(call_reward_function(reward_fns.sleeps_forever, 'f', ['p'] * 3, ['a'] * 3, {}, 0.2, ['q'] * 3, "
+        "RewardStats()))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -126,8 +153,11 @@ def test_hung_reward_calls_do_not_hold_up_the_exit_of_the_process():
 
 
 def test_training_goes_on_through_reward_function_failures(tiny_model_dir, tmp_path, caplog):
-    extra = {"sft.enabled": "false", "reward.functions": "[reward_fns:length_parity, reward_fns:raises_on_odd, reward_fns:sleeps_on_odd]",
-             "reward.timeout_s": 0.5}
+    extra = {
+        "sft.enabled": "false",
+        "reward.functions": "[reward_fns:length_parity, reward_fns:raises_on_odd, reward_fns:sleeps_on_odd]",
+        "reward.timeout_s": 0.5,
+    }
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **extra)]) == 0
@@ -172,10 +202,20 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("kind", ["grad", "loss"])
-def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(kind, tiny_model_dir, tmp_path, monkeypatch, capsys, caplog):
+def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(
+    kind, tiny_model_dir, tmp_path, monkeypatch, capsys, caplog
+):
     _poison(monkeypatch, {2, 4, 5, 6}, kind)
-    extra = {"sft.enabled": "false", "train.steps": 8, "train.max_bad_steps": 3, "checkpoint.every_steps": 1, "checkpoint.keep_last": 10,
-             "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3"}
+    extra = {
+        "sft.enabled": "false",
+        "train.steps": 8,
+        "train.max_bad_steps": 3,
+        "checkpoint.every_steps": 1,
+        "checkpoint.keep_last": 10,
+        "reward.use_verifier": "false",
+        "reward.functions": "[reward_fns:length_parity]",
+        "optim.lr": "1e-3",
+    }
     with caplog.at_level(logging.WARNING):
         assert main(["train", *tiny_overrides(tiny_model_dir, tmp_path, **extra)]) == 1
     err = capsys.readouterr().err
@@ -190,7 +230,9 @@ def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpo
     assert _same(last, _weights(tmp_path, "rl-000003")) and all(torch.isfinite(t).all() for t in last.values())
     state, good = (ckpt.load_trainer_state(tmp_path / "checkpoints" / n) for n in ("rl-000006", "rl-000003"))
     assert state["counters"]["bad_streak"] == 3 and state["counters"]["skipped_updates"] == 4
-    assert state["optimizer"]["state"][0]["step"] == good["optimizer"]["state"][0]["step"] == 2  # AdamW moved on good steps only
+    assert (
+        state["optimizer"]["state"][0]["step"] == good["optimizer"]["state"][0]["step"] == 2
+    )  # AdamW moved on good steps only
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], good["optimizer"]["state"][0]["exp_avg"])
     assert ckpt.find_latest(tmp_path).name == "rl-000006"
 
@@ -214,8 +256,17 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
     cfg = load_config(None, [])
     optimizer, scheduler = make_optimizer(model.parameters(), 0.1, cfg, 10, accelerator)
     counters = {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0}
-    learner = Learner(model, optimizer, scheduler, accelerator, pad_id=0, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                      grad_clip=cfg.optim.grad_clip, counters=counters, max_bad_steps=cfg.train.max_bad_steps)
+    learner = Learner(
+        model,
+        optimizer,
+        scheduler,
+        accelerator,
+        pad_id=0,
+        micro_batch_tokens=cfg.train.micro_batch_tokens,
+        grad_clip=cfg.optim.grad_clip,
+        counters=counters,
+        max_bad_steps=cfg.train.max_bad_steps,
+    )
     scale_of_input = {}
 
     def accumulate(model, items, settings, budget, pad_id, accelerator):
@@ -231,7 +282,11 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
         stats = optimizer_step(learner, [], LossSettings())
         return stats["skipped"], not torch.equal(before, model.weight), dict(counters)
 
-    assert step(1e36) == (1.0, False, {"bad_streak": 0, "skipped_updates": 1, "reward_failures": 0})  # x * 2**16 overflows
+    assert step(1e36) == (
+        1.0,
+        False,
+        {"bad_streak": 0, "skipped_updates": 1, "reward_failures": 0},
+    )  # x * 2**16 overflows
     assert accelerator.scaler.get_scale() == 2.0**15
     assert step(1.0)[:2] == (0.0, True)
     assert step(float("nan")) == (1.0, False, {"bad_streak": 1, "skipped_updates": 2, "reward_failures": 0})
@@ -257,19 +312,27 @@ def _bad_gsm8k(tmp_path) -> Path:
     return data
 
 
-@pytest.mark.parametrize(("case", "code", "message"), [
-    ("config typo", 2, "config error: .*trian"),
-    ("malformed dataset row", 2, r"error: .*train.jsonl:2: not valid JSON"),
-    ("bad reward function path", 2, r"error: reward.functions: cannot import module 'no_such_module'"),
-    ("unwritable output_dir", 1, r"error: output_dir .*a-file/run is not writable \(Not a directory"),
-])
-def test_bad_config_data_and_output_dir_fail_before_the_model_loads(case, code, message, tiny_model_dir, tmp_path, no_model_load, capsys):
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("config typo", 2, "config error: .*trian"),
+        ("malformed dataset row", 2, r"error: .*train.jsonl:2: not valid JSON"),
+        ("bad reward function path", 2, r"error: reward.functions: cannot import module 'no_such_module'"),
+        ("unwritable output_dir", 1, r"error: output_dir .*a-file/run is not writable \(Not a directory"),
+    ],
+)
+def test_bad_config_data_and_output_dir_fail_before_the_model_loads(
+    case, code, message, tiny_model_dir, tmp_path, no_model_load, capsys
+):
     out = tmp_path / "run"
     preset, extra = None, {}
     if case == "config typo":
         extra = {"trian.steps": 2}
     elif case == "malformed dataset row":
-        preset, extra = "task_gsm8k", {"task.path": _bad_gsm8k(tmp_path), "task.options": "{}", "experts.2.trace_source": "none"}
+        preset, extra = (
+            "task_gsm8k",
+            {"task.path": _bad_gsm8k(tmp_path), "task.options": "{}", "experts.2.trace_source": "none"},
+        )
     elif case == "bad reward function path":
         extra = {"reward.functions": "[no_such_module:score]"}
     else:

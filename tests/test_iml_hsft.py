@@ -10,8 +10,18 @@ from meml.core.types import Episode
 
 
 def ep(expert, reward, length=3, q="q1"):
-    return Episode(q, expert, expert, 0, [1], list(range(length)), "", True, reward=reward,
-                   reward_breakdown={"correct": float(reward == 1.0)} if reward is not None else {})
+    return Episode(
+        q,
+        expert,
+        expert,
+        0,
+        [1],
+        list(range(length)),
+        "",
+        True,
+        reward=reward,
+        reward_breakdown={"correct": float(reward == 1.0)} if reward is not None else {},
+    )
 
 
 def test_expert_means_skip_missing_rewards():

@@ -56,7 +56,9 @@ def test_tensorboard_event_files_hold_the_scalars_and_text(tmp_path):
     assert scalars["sft/loss"] == [(1, 2.5)]
     assert scalars["eval/acc/tutor"] == [(0, 0.25), (2, 0.5), (3, 0.75)]
     assert math.isnan(scalars["rl/loss"][0][1])
-    assert "rl/step" not in scalars and "eval/best_expert" not in scalars  # the step is the axis; strings are not scalars
+    assert (
+        "rl/step" not in scalars and "eval/best_expert" not in scalars
+    )  # the step is the axis; strings are not scalars
     assert "samples/tutor/text_summary" in acc.Tags()["tensors"]
 
 
@@ -89,7 +91,10 @@ def test_truncate_after_keeps_one_uninterrupted_timeline(tmp_path):
         f.write('{"stage": "rl", "st')  # cut by the kill
 
     def kept():
-        return [(r["stage"], r.get("tag"), r["step"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+        return [
+            (r["stage"], r.get("tag"), r["step"])
+            for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        ]
 
     logger.truncate_after("rl", 2)  # resuming after RL step 2: step 3 and "after" go, step2's eval stays
     assert kept() == [("sft", None, 1), ("eval", "before", 0), ("rl", None, 1), ("rl", None, 2), ("eval", "step2", 2)]

@@ -16,10 +16,18 @@ def test_lora_run_trains_adapters_and_they_load_back(tiny_model_dir, tmp_path, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{
-        "model.lora.enabled": "true", "model.lora.r": 4, "model.lora.alpha": 8,
-        "model.gradient_checkpointing": str(checkpointing).lower(), "sft.lr": "1e-2", "optim.lr": "1e-2",
-    })
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "model.lora.enabled": "true",
+            "model.lora.r": 4,
+            "model.lora.alpha": 8,
+            "model.gradient_checkpointing": str(checkpointing).lower(),
+            "sft.lr": "1e-2",
+            "optim.lr": "1e-2",
+        },
+    )
     train(load_config("meml", overrides), "meml")
     ckpt = sorted((tmp_path / "checkpoints").iterdir())[-1] / "model"
     config = json.loads((ckpt / "adapter_config.json").read_text())

@@ -178,7 +178,9 @@ def test_paired_bootstrap_is_paired_and_seeded():
     # a constant per-question difference: pairing removes all of the spread between questions
     point, low, high = paired_bootstrap(mixture, (mixture - 0.1)[:, None], resamples=300, seed=3)
     assert point == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
-    assert paired_bootstrap(mixture, mixture[::-1, None], seed=5) == paired_bootstrap(mixture, mixture[::-1, None], seed=5)
+    assert paired_bootstrap(mixture, mixture[::-1, None], seed=5) == paired_bootstrap(
+        mixture, mixture[::-1, None], seed=5
+    )
 
 
 def test_paired_bootstrap_reselects_the_best_expert_per_resample():

@@ -19,8 +19,18 @@ from meml.cli.report import draw_plots, equivalent_command, load_run
 from meml.core.load import from_dict, load_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ALL_FIGURES = {"reward.png", "zero_signal.png", "iml.png", "hsft.png", "eval_accuracy.png", "coverage.png",
-               "completion_len.png", "tokens_per_s.png", "loss.png", "sft_loss.png"}
+ALL_FIGURES = {
+    "reward.png",
+    "zero_signal.png",
+    "iml.png",
+    "hsft.png",
+    "eval_accuracy.png",
+    "coverage.png",
+    "completion_len.png",
+    "tokens_per_s.png",
+    "loss.png",
+    "sft_loss.png",
+}
 
 
 class Page(HTMLParser):
@@ -61,7 +71,7 @@ def check_page(page_dir: Path) -> Page:
         shown.add(file)
     assert shown == {p.name for p in page_dir.glob("*.png")}
     assert all(not link.startswith(("http:", "https:", "//")) for link in page.links)
-    assert "<link" not in text and "src=\"http" not in text
+    assert "<link" not in text and 'src="http' not in text
     return page
 
 
@@ -127,9 +137,21 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def test_report_renders_headless_without_errors(runs, tmp_path):
     out = tmp_path / "compare"
     assert main(["report", *map(str, runs), "--out", str(out)]) == 0
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--enable-logging=stderr", "--v=0", "--dump-dom", (out / "index.html").as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        (out / "index.html").as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     n = len(ALL_FIGURES)

@@ -80,7 +80,8 @@ if os.environ.get("MEML_TEST_KILL_IN"):  # "generate:3" / "optimizer:3": SIGKILL
     trainer.rl_step, HFEngine.generate = rl_step, generate
     register_optimizer_step_post_hook(stepped)
 
-if os.environ.get("MEML_TEST_WAIT_SIGNAL_AT"):  # "3": at the start of RL step 3, wait for SIGTERM (and, with HOLD, a second)
+# "3": at the start of RL step 3, wait for SIGTERM (and, with HOLD, a second)
+if os.environ.get("MEML_TEST_WAIT_SIGNAL_AT"):
     import meml.train.loop as trainer
     at, real_step = int(os.environ["MEML_TEST_WAIT_SIGNAL_AT"]), trainer.rl_step
     def rl_step(s, step, *args):
@@ -108,18 +109,32 @@ sys.exit(main(sys.argv[1:]))
 # Evals before, every 2 RL steps and after, and samples every step: their records must
 # read as one uninterrupted run too.
 SETTINGS = {
-    "train.steps": 6, "sft.sequences_per_step": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
-    "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3", "sft.lr": "1e-3",
-    "algo.hsft.buffer_size": 6, "algo.hsft.push_prob": 1.0, "model.dtype": "bf16",
-    "eval.before": "true", "eval.every_steps": 2, "eval.after": "true", "log.samples_every": 1,
+    "train.steps": 6,
+    "sft.sequences_per_step": 6,
+    "checkpoint.every_steps": 1,
+    "checkpoint.keep_last": 2,
+    "reward.use_verifier": "false",
+    "reward.functions": "[reward_fns:length_parity]",
+    "optim.lr": "1e-3",
+    "sft.lr": "1e-3",
+    "algo.hsft.buffer_size": 6,
+    "algo.hsft.push_prob": 1.0,
+    "model.dtype": "bf16",
+    "eval.before": "true",
+    "eval.every_steps": 2,
+    "eval.after": "true",
+    "log.samples_every": 1,
 }
 
 
-
-
 def _env(marker: Path | None = None, **hooks) -> dict:
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # one thread: see conftest.py
+    env = {
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }  # one thread: see conftest.py
     if marker is not None:
         env["MEML_TEST_MARKER"] = str(marker)
     env.update({f"MEML_TEST_{k.upper()}": str(v) for k, v in hooks.items()})
@@ -128,7 +143,9 @@ def _env(marker: Path | None = None, **hooks) -> dict:
 
 def start(model_dir, out, *flags, marker=None, **hooks) -> subprocess.Popen:
     args = [sys.executable, "-c", DRIVER, "train", *tiny_overrides(model_dir, out, **SETTINGS), *flags]  # flags win
-    return subprocess.Popen(args, env=_env(marker, **hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        args, env=_env(marker, **hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -188,12 +205,19 @@ def assert_same_metrics(run: Path, reference: Path) -> None:
     got, want = records(run), records(reference)
     assert [(r["stage"], r.get("tag"), r["step"]) for r in got] == [(r["stage"], r.get("tag"), r["step"]) for r in want]
     for g, w in zip(got, want):
-        assert _steady(g) == _steady(w), (g["stage"], g["step"], {k: (g.get(k), v) for k, v in _steady(w).items() if g.get(k) != v})
+        assert _steady(g) == _steady(w), (
+            g["stage"],
+            g["step"],
+            {k: (g.get(k), v) for k, v in _steady(w).items() if g.get(k) != v},
+        )
     for path in [reference / "samples.jsonl", *sorted((reference / "eval").glob("*.jsonl"))]:
         if path.exists():
             assert (run / path.relative_to(reference)).read_text() == path.read_text(), path.name
     if (reference / "results.json").exists():
-        steady = [{tag: _steady(r) for tag, r in json.loads((d / "results.json").read_text()).items()} for d in (run, reference)]
+        steady = [
+            {tag: _steady(r) for tag, r in json.loads((d / "results.json").read_text()).items()}
+            for d in (run, reference)
+        ]
         assert steady[0] == steady[1]
 
 
@@ -250,7 +274,8 @@ def test_kill9_inside_mef_and_inside_rl_then_resume_matches_a_straight_run(strai
 
 
 def test_kills_before_the_first_checkpoint_and_inside_generation_and_the_optimizer_step_then_resume_matches(
-        straight_run, tiny_model_dir, tmp_path):
+    straight_run, tiny_model_dir, tmp_path
+):
     """Killed after stage-1 step 1 was logged but before any checkpoint: --resume starts the
     run again from scratch, its logs cleared; killed again inside the rollout engine's
     generate in RL step 2 (newest checkpoint: rl-000001), resumed, killed inside the
@@ -265,7 +290,10 @@ def test_kills_before_the_first_checkpoint_and_inside_generation_and_the_optimiz
     assert rc == -signal.SIGKILL, text[-3000:]
     assert "no checkpoint yet, so the run starts again from scratch: removing" in text
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["sft-000004", "rl-000001"]
-    assert [(r["stage"], r.get("tag"), r["step"]) for r in records(out)][:2] == [("eval", "before", 0), ("sft", None, 1)]
+    assert [(r["stage"], r.get("tag"), r["step"]) for r in records(out)][:2] == [
+        ("eval", "before", 0),
+        ("sft", None, 1),
+    ]
     assert (records(out)[-1]["stage"], records(out)[-1]["step"]) == ("rl", 1)
     assert len((out / "command.txt").read_text().splitlines()) == 1  # the first start's line went with its logs
 
@@ -361,9 +389,22 @@ def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir
     checkpoint, since the resumed policy has moved on) and PPO mini-batches. The engine's
     bf16 copy after the resume equals the uninterrupted run's at the same step. LoRA
     dropout draws from the torch RNG in every update, so the RNG state must come back too."""
-    extra = {**SETTINGS, "train.steps": 3, "sft.sequences_per_step": 12, "checkpoint.every_steps": 0, "model.lora.enabled": "true", "model.lora.r": 4,
-             "model.lora.dropout": 0.3,
-             "algo.kl_coef": 0.5, "algo.loss": "ppo_clip", "algo.mini_batches": 2, "eval.before": "false", "eval.every_steps": 0, "eval.after": "false", "log.samples_every": 0}
+    extra = {
+        **SETTINGS,
+        "train.steps": 3,
+        "sft.sequences_per_step": 12,
+        "checkpoint.every_steps": 0,
+        "model.lora.enabled": "true",
+        "model.lora.r": 4,
+        "model.lora.dropout": 0.3,
+        "algo.kl_coef": 0.5,
+        "algo.loss": "ppo_clip",
+        "algo.mini_batches": 2,
+        "eval.before": "false",
+        "eval.every_steps": 0,
+        "eval.after": "false",
+        "log.samples_every": 0,
+    }
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     engine_straight, engine_resumed = {}, {}
     _run_in_process(load_config(None, tiny_overrides(tiny_model_dir, straight, **extra)), engine_before=engine_straight)
@@ -379,7 +420,10 @@ def test_in_process_stop_and_resume_is_exact_with_lora_kl_and_ppo(tiny_model_dir
     assert all(r["kl"] > 0 for r in records(straight) if r["stage"] == "rl" and r["step"] > 1)
     a, b = stopped / "checkpoints" / "rl-000003", straight / "checkpoints" / "rl-000003"
     assert not (a / "model" / "model.safetensors").exists()  # the adapter only
-    wa, wb = load_file(str(a / "model" / "adapter_model.safetensors")), load_file(str(b / "model" / "adapter_model.safetensors"))
+    wa, wb = (
+        load_file(str(a / "model" / "adapter_model.safetensors")),
+        load_file(str(b / "model" / "adapter_model.safetensors")),
+    )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     _assert_equal(ckpt.load_trainer_state(a), ckpt.load_trainer_state(b), "trainer_state")  # reference included
     reference = ckpt.load_trainer_state(a)["reference"]

@@ -24,10 +24,16 @@ class ScriptedEngine:
         for prompt in prompts:
             qid, expert = next(k for k, v in self.s._prompt_cache.items() if v == prompt)
             gold = self.s.examples_by_id[qid].answer
-            texts = [f"So it is {gold}. The answer is {gold}.", f"The answer is {gold}."] if expert == 1 else ["The answer is -1."] * 2
+            texts = (
+                [f"So it is {gold}. The answer is {gold}.", f"The answer is {gold}."]
+                if expert == 1
+                else ["The answer is -1."] * 2
+            )
             group = []
             for j in range(params.num_samples):
-                ids = self.s.tokenizer(texts[j % 2], add_special_tokens=False)["input_ids"] + [self.s.tokenizer.eos_token_id]
+                ids = self.s.tokenizer(texts[j % 2], add_special_tokens=False)["input_ids"] + [
+                    self.s.tokenizer.eos_token_id
+                ]
                 group.append(Generation(ids, texts[j % 2], True))
             out.append(group)
         return out
@@ -38,7 +44,14 @@ class ScriptedEngine:
 
 @pytest.fixture
 def session(tiny_model_dir, tmp_path):
-    cfg = load_config("meml", tiny_overrides(tiny_model_dir, tmp_path, **{"sft.enabled": "false", "algo.hsft.push_prob": 1.0, "algo.hsft.buffer_size": 100}))
+    cfg = load_config(
+        "meml",
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{"sft.enabled": "false", "algo.hsft.push_prob": 1.0, "algo.hsft.buffer_size": 100},
+        ),
+    )
     s = open_session(cfg)
     s.engine = ScriptedEngine(s)
     return s
@@ -56,7 +69,9 @@ def test_rl_step_pairs_weak_and_strong_experts_and_pushes_hard_examples(session,
     monkeypatch.setattr(riel, "optimizer_step", spy)
     metrics = riel.rl_step(s, 1, make_learner(s, 1e-4, 2), None)
 
-    questions = [d.example for d in riel.question_batch(s.train_examples, s.cfg.seed, 1, s.cfg.train.questions_per_step)]
+    questions = [
+        d.example for d in riel.question_batch(s.train_examples, s.cfg.seed, 1, s.cfg.train.questions_per_step)
+    ]
     assert metrics["iml/fired"] == len(questions) == metrics["rescued"]
     assert metrics["iml/strong/algebraist"] == len(questions) and metrics["iml/weak/tutor"] == len(questions)
     assert metrics["correct/algebraist"] == 1.0 and metrics["correct/tutor"] == 0.0
@@ -89,9 +104,20 @@ def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
 def test_a_question_drawn_twice_in_a_step_is_two_draws(tiny_model_dir, tmp_path, monkeypatch):
     """3 training questions, 4 a step: the 4th draw repeats a question (an epoch boundary).
     Each draw has its own groups, sampling seeds, IML pair and HSFT pushes."""
-    cfg = load_config("meml", tiny_overrides(tiny_model_dir, tmp_path, **{
-        "sft.enabled": "false", "algo.hsft.push_prob": 1.0, "algo.hsft.buffer_size": 100, "train.questions_per_step": 4,
-        "task.options": "{train_size: 3, test_size: 4, difficulty: 1}"}))
+    cfg = load_config(
+        "meml",
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{
+                "sft.enabled": "false",
+                "algo.hsft.push_prob": 1.0,
+                "algo.hsft.buffer_size": 100,
+                "train.questions_per_step": 4,
+                "task.options": "{train_size: 3, test_size: 4, difficulty: 1}",
+            },
+        ),
+    )
     s = open_session(cfg)
     s.engine = ScriptedEngine(s)
     draws = riel.question_batch(s.train_examples, cfg.seed, 1, 4)

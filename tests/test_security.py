@@ -27,9 +27,7 @@ from conftest import tiny_overrides
 def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(
-        tiny_model_dir
-    )
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 class _CreatesAFile:
@@ -68,23 +66,15 @@ def test_load_trainer_state_refuses_a_pickle_that_would_run_code(tmp_path, model
     with pytest.raises(ConfigError) as err:  # a ConfigError: meml exits with code 2
         ckpt.load_trainer_state(path)
     message = str(err.value)
-    assert (
-        str(path / "trainer_state.pt") in message
-        and "refusing to load" in message
-        and "io.open" in message
-    )
+    assert str(path / "trainer_state.pt") in message and "refusing to load" in message and "io.open" in message
     assert not marker.exists()
 
 
-def test_resume_refuses_a_hostile_trainer_state_with_exit_code_2(
-    tmp_path, tiny_model_dir, model_and_tokenizer, capsys
-):
+def test_resume_refuses_a_hostile_trainer_state_with_exit_code_2(tmp_path, tiny_model_dir, model_and_tokenizer, capsys):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     path = _hostile_checkpoint(run, model_and_tokenizer, marker)
-    rc = main(
-        ["train", "--resume", *tiny_overrides(tiny_model_dir, run, **{"sft.enabled": "false"})]
-    )
+    rc = main(["train", "--resume", *tiny_overrides(tiny_model_dir, run, **{"sft.enabled": "false"})])
     err = capsys.readouterr().err
     assert rc == 2
     assert f"refusing to load {path / 'trainer_state.pt'}" in err
@@ -109,10 +99,7 @@ def test_the_trainer_state_round_trips_without_pickle(tmp_path, model_and_tokeni
     torch.load(path / "trainer_state.pt", weights_only=True)  # no pickled object in it
     back = ckpt.load_trainer_state(path)
     assert back["rng"]["python"] == state["rng"]["python"]
-    assert (
-        back["rng"]["numpy"][0] == "MT19937"
-        and back["rng"]["numpy"][2:] == state["rng"]["numpy"][2:]
-    )
+    assert back["rng"]["numpy"][0] == "MT19937" and back["rng"]["numpy"][2:] == state["rng"]["numpy"][2:]
     assert back["rng"]["numpy"][1].dtype == np.uint32 and np.array_equal(
         back["rng"]["numpy"][1], state["rng"]["numpy"][1]
     )
@@ -123,9 +110,7 @@ def test_the_trainer_state_round_trips_without_pickle(tmp_path, model_and_tokeni
     assert np.random.standard_normal() == _next_normal(state)  # the same stream continues
 
     torch.save({"rng": state["rng"]}, path / "trainer_state.pt")  # an earlier meml's file
-    assert np.array_equal(
-        ckpt.load_trainer_state(path)["rng"]["numpy"][1], state["rng"]["numpy"][1]
-    )
+    assert np.array_equal(ckpt.load_trainer_state(path)["rng"]["numpy"][1], state["rng"]["numpy"][1])
 
 
 def _next_normal(state) -> float:
@@ -141,9 +126,7 @@ def _run_with_remote_code(tmp_path, tiny_model_dir, model_and_tokenizer, marker,
     """A run directory whose config.yaml says trust_remote_code: true and whose checkpoint's
     config.json maps the model to a Python file in the checkpoint that creates `marker`."""
     run = tmp_path / "foreign-run"
-    cfg = load_config(
-        None, tiny_overrides(tiny_model_dir, run, **{"model.trust_remote_code": "true", **extra})
-    )
+    cfg = load_config(None, tiny_overrides(tiny_model_dir, run, **{"model.trust_remote_code": "true", **extra}))
     text = to_yaml(cfg)
     run.mkdir()
     (run / "config.yaml").write_text(text)
@@ -179,9 +162,7 @@ def test_eval_of_a_run_does_not_run_code_from_its_checkpoint(
     assert "made with model.trust_remote_code=true; ignoring that setting" in caplog.text
 
 
-def test_only_this_command_line_turns_trust_remote_code_on(
-    tmp_path, tiny_model_dir, model_and_tokenizer
-):
+def test_only_this_command_line_turns_trust_remote_code_on(tmp_path, tiny_model_dir, model_and_tokenizer):
     marker = tmp_path / "remote-code-ran"
     run = _run_with_remote_code(
         tmp_path,
@@ -191,9 +172,7 @@ def test_only_this_command_line_turns_trust_remote_code_on(
         **{"reward.functions": "[reward_fns:length_parity]"},
     )
     cfg, _, source = resolve(str(run), [], None, None)
-    assert cfg.model.trust_remote_code is False and source == str(
-        run / "checkpoints" / "rl-000001" / "model"
-    )
+    assert cfg.model.trust_remote_code is False and source == str(run / "checkpoints" / "rl-000001" / "model")
     assert cfg.reward.functions == []  # not imported either: eval does not use them
     cfg, _, _ = resolve(str(run), ["model.trust_remote_code=true"], None, None)
     assert cfg.model.trust_remote_code is True

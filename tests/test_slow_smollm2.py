@@ -45,7 +45,11 @@ def test_gguf_conversion_gives_a_trainable_chat_model(smollm2_dir):
     model = load_policy(ModelConfig(), smollm2_dir)
     assert model.dtype == torch.float32 and sum(p.numel() for p in model.parameters()) > 100e6
     assert all(p.requires_grad for p in model.parameters())
-    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>system\nS<|im_end|>" in text
 
 
@@ -71,10 +75,23 @@ def test_lora_on_smollm2_trains_and_the_adapter_loads_back(smollm2_dir, tmp_path
     from meml.train.loop import train
 
     overrides = [
-        f"output_dir={tmp_path}", "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16",
-        "task.options={train_size: 32, test_size: 4}", "sft.max_examples=8", "sft.sequences_per_step=12", "sft.lr=1e-3",
-        "train.steps=1", "train.questions_per_step=2", "rollout.num_generations_per_expert=2", "rollout.max_new_tokens=32",
-        "algo.hsft.max_wrong=1", "eval.before=false", "eval.after=false", "eval.after_mef=false", "log.progress=false",
+        f"output_dir={tmp_path}",
+        "model.lora.enabled=true",
+        "model.lora.r=8",
+        "model.lora.alpha=16",
+        "task.options={train_size: 32, test_size: 4}",
+        "sft.max_examples=8",
+        "sft.sequences_per_step=12",
+        "sft.lr=1e-3",
+        "train.steps=1",
+        "train.questions_per_step=2",
+        "rollout.num_generations_per_expert=2",
+        "rollout.max_new_tokens=32",
+        "algo.hsft.max_wrong=1",
+        "eval.before=false",
+        "eval.after=false",
+        "eval.after_mef=false",
+        "log.progress=false",
     ]
     train(load_config("meml", overrides), "meml")
     sft = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

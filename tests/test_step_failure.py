@@ -22,10 +22,18 @@ from conftest import tiny_overrides
 # LoRA with dropout: the update draws from the torch RNG, which a rewound step must put
 # back. HSFT pushes every failed group, so the buffer changes inside the failing step too.
 SETTINGS = {
-    "sft.enabled": "false", "train.steps": 4, "checkpoint.every_steps": 0, "checkpoint.keep_last": 3,
-    "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]", "optim.lr": "1e-3",
-    "model.lora.enabled": "true", "model.lora.r": 4, "model.lora.dropout": 0.3,
-    "algo.hsft.buffer_size": 4, "algo.hsft.push_prob": 1.0,
+    "sft.enabled": "false",
+    "train.steps": 4,
+    "checkpoint.every_steps": 0,
+    "checkpoint.keep_last": 3,
+    "reward.use_verifier": "false",
+    "reward.functions": "[reward_fns:length_parity]",
+    "optim.lr": "1e-3",
+    "model.lora.enabled": "true",
+    "model.lora.r": 4,
+    "model.lora.dropout": 0.3,
+    "algo.hsft.buffer_size": 4,
+    "algo.hsft.push_prob": 1.0,
 }
 
 
@@ -56,13 +64,17 @@ def _same_checkpoint(a, b) -> None:
     _assert_equal(ckpt.load_trainer_state(a), ckpt.load_trainer_state(b), "trainer_state")
 
 
-def test_a_step_failing_before_its_update_saves_the_step_before_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys, caplog):
+def test_a_step_failing_before_its_update_saves_the_step_before_and_resumes_exactly(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, caplog
+):
     straight, failed = tmp_path / "straight", tmp_path / "failed"
     assert main(_args(tiny_model_dir, straight)) == 0
     # step 3 fails after its rollouts, rewards, HSFT pushes and backward pass (dropout drew
     # from the RNG), before the optimizer touched the weights
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.train.update, "accumulate_gradients", 3, RuntimeError("CUDA error: an illegal memory access"))
+        _fail_on_call(
+            m, meml.train.update, "accumulate_gradients", 3, RuntimeError("CUDA error: an illegal memory access")
+        )
         with caplog.at_level(logging.ERROR):
             assert main(_args(tiny_model_dir, failed)) == 1
     err = capsys.readouterr().err
@@ -95,7 +107,9 @@ def test_a_step_failing_after_its_update_saves_nothing_and_says_so(tiny_model_di
     assert [r["step"] for r in records(tmp_path)] == [1]
 
 
-def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_saves_nothing_new(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_saves_nothing_new(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     first, later = tmp_path / "first", tmp_path / "later"
     with monkeypatch.context() as m:
         _fail_on_call(m, meml.train.rl_step, "score_episodes", 1, ValueError("a bug"))
@@ -118,4 +132,3 @@ def test_a_keyboard_interrupt_inside_a_step_is_not_a_step_failure(tiny_model_dir
     err = capsys.readouterr().err
     assert "interrupted" in err and "failed" not in err
     assert ckpt.list_checkpoints(tmp_path) == []
-

@@ -1,9 +1,9 @@
 """`meml compare` end to end on the tiny model, and its choices on hand-made records.
 
 The end-to-end study: two arms (one with a two-lr grid, scored on validation until its lr
-is chosen) from two stage-1 recipes, two seeds, validation and test sets. It is killed in the middle of a job, run again (it
-finishes, leaving the records written before the kill untouched), and refuses to go on
-when a setting of a finished run changes.
+is chosen) from two stage-1 recipes, two seeds, validation and test sets. It is killed in
+the middle of a job, run again (it finishes, leaving the records written before the kill
+untouched), and refuses to go on when a setting of a finished run changes.
 """
 
 from __future__ import annotations
@@ -49,8 +49,16 @@ report: [test]
 comparisons: [[meml, grpo]]
 bootstrap: {{resamples: 200}}
 """
-JOBS = ["stage1-mef-s0", "stage1-tutor-s0", "grpo-lr1e-4-s0", "grpo-lr1e-3-s0", "meml-lrdefault-s0",
-        "stage1-mef-s1", "stage1-tutor-s1", "meml-lrdefault-s1"]  # + grpo at its chosen lr, seed 1
+JOBS = [
+    "stage1-mef-s0",
+    "stage1-tutor-s0",
+    "grpo-lr1e-4-s0",
+    "grpo-lr1e-3-s0",
+    "meml-lrdefault-s0",
+    "stage1-mef-s1",
+    "stage1-tutor-s1",
+    "meml-lrdefault-s1",
+]  # + grpo at its chosen lr, seed 1
 
 
 def write_study(root: Path, model: Path, steps: int = 2) -> Path:
@@ -61,8 +69,14 @@ def write_study(root: Path, model: Path, steps: int = 2) -> Path:
 
 def compare(study: Path, *flags: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "meml.cli", "compare", str(study), *flags], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "meml.cli", "compare", str(study), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.mark.e2e
@@ -116,7 +130,9 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     assert (records / "summary.md").exists() and (records / "plots" / "accuracy_test.png").exists()
 
     # 3. nothing left to do, and --print says so
-    printed = subprocess.run([sys.executable, "-m", "meml.cli", "compare", str(study), "--print"], capture_output=True, text=True)
+    printed = subprocess.run(
+        [sys.executable, "-m", "meml.cli", "compare", str(study), "--print"], capture_output=True, text=True
+    )
     assert printed.returncode == 0 and "# job" not in printed.stdout
 
     # 4. a changed setting is refused, naming the job and the setting
@@ -137,16 +153,32 @@ def _record(job: str, arm: str, seed: int, lr, val: dict, test: dict) -> dict:
     def entry(acc: dict) -> dict:
         scores = {name: [1.0] * round(4 * a) + [0.0] * (4 - round(4 * a)) for name, a in acc.items()}
         scores["majority"] = scores[next(iter(acc))]
-        return {"summary": {f"acc/{k}": v for k, v in acc.items()}, "question_ids": ["q0", "q1", "q2", "q3"], "scores": scores}
+        return {
+            "summary": {f"acc/{k}": v for k, v in acc.items()},
+            "question_ids": ["q0", "q1", "q2", "q3"],
+            "scores": scores,
+        }
 
-    return {"job": job, "arm": arm, "seed": seed, "lr": lr, "experts": list(val), "eval": {"validation": entry(val), "test": entry(test)},
-            "train": {}, "wall_s": 1.0}
+    return {
+        "job": job,
+        "arm": arm,
+        "seed": seed,
+        "lr": lr,
+        "experts": list(val),
+        "eval": {"validation": entry(val), "test": entry(test)},
+        "train": {},
+        "wall_s": 1.0,
+    }
 
 
 def _spec() -> StudySpec:
-    spec = StudySpec(name="s", seeds=[0, 1], arms={"a": ArmSpec(preset="grpo", lrs=[1e-6, 1e-5]), "b": ArmSpec(preset="grpo")},
-                     evaluation={"validation": EvalSetSpec("validation", 4), "test": EvalSetSpec("test", 4)},
-                     comparisons=[["a", "b"]])
+    spec = StudySpec(
+        name="s",
+        seeds=[0, 1],
+        arms={"a": ArmSpec(preset="grpo", lrs=[1e-6, 1e-5]), "b": ArmSpec(preset="grpo")},
+        evaluation={"validation": EvalSetSpec("validation", 4), "test": EvalSetSpec("test", 4)},
+        comparisons=[["a", "b"]],
+    )
     return spec
 
 
@@ -172,7 +204,10 @@ def test_the_best_expert_is_chosen_on_validation_and_reported_on_test():
     spec = _spec()
     rec = _record("x", "a", 0, 1e-5, {"tutor": 0.25, "algebraist": 0.75}, {"tutor": 1.0, "algebraist": 0.25})
     assert best_on_validation(spec, rec) == "algebraist"
-    recs = {rl_job(spec, "a", lr, 0, "grid").key: {**rec, "job": rl_job(spec, "a", lr, 0, "grid").key, "lr": lr} for lr in (1e-6, 1e-5)}
+    recs = {
+        rl_job(spec, "a", lr, 0, "grid").key: {**rec, "job": rl_job(spec, "a", lr, 0, "grid").key, "lr": lr}
+        for lr in (1e-6, 1e-5)
+    }
     summary = summarize_study(spec, recs)
     test = summary["arms"]["a"]["eval"]["test"]
     assert test["best_val"]["per_seed"] == [0.25]  # the algebraist's test accuracy, not the tutor's 1.0
@@ -187,6 +222,9 @@ def test_study_file_errors_name_the_field(tmp_path):
     bad.write_text("name: x\narmz: {}\n")
     with pytest.raises(ConfigError, match="armz"):
         load_study(bad)
-    bad.write_text("name: x\narms: {a: {preset: grpo}}\nevaluation: {validation: {split: validation}, test: {}}\nreport: [validation]\n")
+    bad.write_text(
+        "name: x\narms: {a: {preset: grpo}}\nevaluation: {validation: {split: validation}, test: {}}\nreport: "
+        "[validation]\n"
+    )
     with pytest.raises(ConfigError, match="selection split"):
         load_study(bad)

@@ -39,7 +39,11 @@ def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("task", ["gsm8k", "mathqa", "strategyqa"])
 def test_task_presets_run_on_native_format_fixtures(task, tiny_model_dir, tmp_path):
     """The task presets with the third expert's distilled traces swapped for none."""
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"task.path": FIXTURES / task, "task.options": "{}", "experts.2.trace_source": "none"})
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{"task.path": FIXTURES / task, "task.options": "{}", "experts.2.trace_source": "none"},
+    )
     cfg = load_config(f"task_{task}+meml", overrides)
     train(cfg, f"task_{task}+meml")
     assert [r["step"] for r in _records(tmp_path, "rl")] == [1, 2]
@@ -52,10 +56,18 @@ def test_two_steps_change_every_trainable_parameter(preset, tiny_model_dir, tmp_
     from transformers import AutoModelForCausalLM
 
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{
-        "sft.enabled": "false", "reward.use_verifier": "false", "reward.functions": "[reward_fns:length_parity]",
-        "optim.lr": "1e-3", "rollout.num_generations_per_expert": 4, "algo.hsft.max_wrong": 2,
-    })
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "sft.enabled": "false",
+            "reward.use_verifier": "false",
+            "reward.functions": "[reward_fns:length_parity]",
+            "optim.lr": "1e-3",
+            "rollout.num_generations_per_expert": 4,
+            "algo.hsft.max_wrong": 2,
+        },
+    )
     cfg = load_config(preset, overrides)
     train(cfg, preset)
     rl = _records(tmp_path, "rl")
@@ -71,6 +83,8 @@ def test_two_steps_change_every_trainable_parameter(preset, tiny_model_dir, tmp_
 
 
 def test_reward_function_columns_follow_trl_contract(tiny_model_dir, tmp_path):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"sft.enabled": "false", "reward.functions": "[reward_fns:needs_answer_column]"})
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path, **{"sft.enabled": "false", "reward.functions": "[reward_fns:needs_answer_column]"}
+    )
     train(load_config("grpo", overrides), "grpo")
     assert all(r["reward/mean"] >= 0.5 for r in _records(tmp_path, "rl"))

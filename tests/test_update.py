@@ -24,7 +24,9 @@ def _items():
         p = torch.randint(3, 200, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
         r = torch.randint(3, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
         kind = ["pg", "iml", "sft"][i % 3]
-        items.append(TrainItem(kind, p, r, weight=1.0 / (i + 2), coef=0.5 if kind != "pg" else 1.0, advantage=(i - 3) / 3))
+        items.append(
+            TrainItem(kind, p, r, weight=1.0 / (i + 2), coef=0.5 if kind != "pg" else 1.0, advantage=(i - 3) / 3)
+        )
     return items
 
 

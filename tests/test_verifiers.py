@@ -10,15 +10,8 @@ from fractions import Fraction
 import pytest
 
 from meml.tasks import verifiers
-from meml.tasks.verifiers import (
-    option_value,
-    parse_number,
-    parse_yes_no,
-    verify_choice,
-    verify_numeric,
-    verify_text,
-    verify_yes_no,
-)
+from meml.tasks.choices import option_value, verify_choice
+from meml.tasks.verifiers import parse_number, parse_yes_no, verify_numeric, verify_text, verify_yes_no
 
 # (completion, gold, expected score, expected extracted or None to skip the check)
 NUMERIC = [
@@ -123,8 +116,21 @@ def test_numeric_abstains_on_unparseable_gold(gold):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("72", 72), ("1,350", 1350), ("-2", -2), ("+3", 3), ("0.75", Fraction(3, 4)), ("3/4", Fraction(3, 4)), ("$5.", 5),
-     ("40%", 40), ("\\frac{1}{2}", Fraction(1, 2)), ("− 4", -4), ("5 apples", None), ("1.2.3", None), ("9" * 5000, None)],
+    [
+        ("72", 72),
+        ("1,350", 1350),
+        ("-2", -2),
+        ("+3", 3),
+        ("0.75", Fraction(3, 4)),
+        ("3/4", Fraction(3, 4)),
+        ("$5.", 5),
+        ("40%", 40),
+        ("\\frac{1}{2}", Fraction(1, 2)),
+        ("− 4", -4),
+        ("5 apples", None),
+        ("1.2.3", None),
+        ("9" * 5000, None),
+    ],
 )
 def test_parse_number(text, value):
     assert parse_number(text) == value
@@ -216,7 +222,10 @@ def test_choice_truncated_and_gold_forms():
     assert verify_choice("The answer is (b).", "(B)", OPTIONS).score == 1.0
 
 
-@pytest.mark.parametrize(("text", "value"), [("rs . 9000", 9000), ("1.25 kg", Fraction(5, 4)), ("10 %", 10), ("4 π", None), ("2 : 3", None), ("2 a + 5", None)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("rs . 9000", 9000), ("1.25 kg", Fraction(5, 4)), ("10 %", 10), ("4 π", None), ("2 : 3", None), ("2 a + 5", None)],
+)
 def test_option_value(text, value):
     assert option_value(text) == value
 
@@ -307,7 +316,7 @@ TEXT = [
     ("The answer is Paris.", "Paris", 1.0),
     ("The answer is paris", "Paris", 1.0),
     ("Answer:   New   York", "new york", 1.0),
-    ("The answer is \"Paris\".", "Paris", 1.0),
+    ('The answer is "Paris".', "Paris", 1.0),
     ("The answer is Paris, France.", "Paris", 0.0),
     ("The answer is London.", "Paris", 0.0),
     ("Paris", "Paris", 0.0),
@@ -333,26 +342,40 @@ def test_doctests():
 
 def test_verifiers_never_raise_on_random_text():
     rng = random.Random(0)
-    alphabet = list("0123456789abcdexyz ,./-+=$%(){}[]\\#*:\n") + ["answer is", "\\boxed{", "\\frac{", "yes", "no", "option"]
+    alphabet = list("0123456789abcdexyz ,./-+=$%(){}[]\\#*:\n") + [
+        "answer is",
+        "\\boxed{",
+        "\\frac{",
+        "yes",
+        "no",
+        "option",
+    ]
     for _ in range(400):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
         for lenient in (False, True):
-            for verdict in (verify_numeric(text, "7", lenient=lenient), verify_choice(text, "b", OPTIONS, lenient=lenient),
-                            verify_yes_no(text, True, lenient=lenient), verify_text(text, "x", lenient=lenient)):
+            for verdict in (
+                verify_numeric(text, "7", lenient=lenient),
+                verify_choice(text, "b", OPTIONS, lenient=lenient),
+                verify_yes_no(text, True, lenient=lenient),
+                verify_text(text, "x", lenient=lenient),
+            ):
                 assert verdict.score in (0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- scientific notation, expressions
 
 
-@pytest.mark.parametrize(("completion", "gold", "score"), [
-    ("#### 1e3", "1", 0.0),  # read as 1000, not as 1
-    ("#### 1e3", "1000", 1.0),
-    ("The answer is 2.5E-3.", "0.0025", 1.0),
-    ("The answer is 1e+2 apples.", "100", 1.0),
-    ("The answer is 3eggs.", "3", 1.0),  # not an exponent: a letter follows
-    ("The answer is 1e3.", "1e3", 1.0),  # a gold answer in scientific notation
-])
+@pytest.mark.parametrize(
+    ("completion", "gold", "score"),
+    [
+        ("#### 1e3", "1", 0.0),  # read as 1000, not as 1
+        ("#### 1e3", "1000", 1.0),
+        ("The answer is 2.5E-3.", "0.0025", 1.0),
+        ("The answer is 1e+2 apples.", "100", 1.0),
+        ("The answer is 3eggs.", "3", 1.0),  # not an exponent: a letter follows
+        ("The answer is 1e3.", "1e3", 1.0),  # a gold answer in scientific notation
+    ],
+)
 def test_scientific_notation(completion, gold, score):
     assert verify_numeric(completion, gold).score == score
 
@@ -362,21 +385,27 @@ def test_parse_number_reads_exponents_but_not_huge_ones():
     assert parse_number("1e9999") is None  # exponents past 999 are not a number here (no 10^9999 integer is built)
 
 
-@pytest.mark.parametrize(("completion", "gold", "score"), [
-    ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{3}}{2}", 1.0),  # a gold our number reader cannot read
-    ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{2}}{2}", 0.0),
-    ("The answer is 2^{10}.", "1024", 1.0),  # LaTeX in the answer: compared as a value
-    ("The answer is 2^{10}.", "1000", 0.0),
-    ("The answer is 0.866.", "\\frac{\\sqrt{3}}{2}", 0.0),  # 6 decimals are compared: 0.866 is not enough
-    ("The answer is \\sqrt{2}", "\\sqrt{2}", 1.0),
-])
+@pytest.mark.parametrize(
+    ("completion", "gold", "score"),
+    [
+        ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{3}}{2}", 1.0),  # a gold our number reader cannot read
+        ("The answer is \\frac{\\sqrt{3}}{2}.", "\\frac{\\sqrt{2}}{2}", 0.0),
+        ("The answer is 2^{10}.", "1024", 1.0),  # LaTeX in the answer: compared as a value
+        ("The answer is 2^{10}.", "1000", 0.0),
+        ("The answer is 0.866.", "\\frac{\\sqrt{3}}{2}", 0.0),  # 6 decimals are compared: 0.866 is not enough
+        ("The answer is \\sqrt{2}", "\\sqrt{2}", 1.0),
+    ],
+)
 def test_latex_answers_go_through_math_verify(completion, gold, score):
     assert verify_numeric(completion, gold).score == score
 
 
 def test_latex_gold_still_needs_a_marker_and_a_finished_answer():
     assert verify_numeric("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}").score == 0.0  # no marker
-    assert verify_numeric("The answer is \\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", finished=False).breakdown["reason"] == "truncated"
+    assert (
+        verify_numeric("The answer is \\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", finished=False).breakdown["reason"]
+        == "truncated"
+    )
 
 
 def test_model_text_is_never_evaluated(tmp_path):

@@ -117,14 +117,10 @@ class TestOneFp32Engine:
         for g in (g for group in a for g in group):
             assert len(g.token_ids) <= 24 and len(g.logprobs) == len(g.token_ids)
             if g.finished:
-                assert g.token_ids[-1] in vllm.stop_ids and not any(
-                    t in vllm.stop_ids for t in g.token_ids[:-1]
-                )
+                assert g.token_ids[-1] in vllm.stop_ids and not any(t in vllm.stop_ids for t in g.token_ids[:-1])
             else:
                 assert len(g.token_ids) == 24
-        greedy = vllm.generate(
-            prompts[:2], SamplingParams(num_samples=2, temperature=0.0, max_new_tokens=8, seed=0)
-        )
+        greedy = vllm.generate(prompts[:2], SamplingParams(num_samples=2, temperature=0.0, max_new_tokens=8, seed=0))
         assert all(group[0].token_ids == group[1].token_ids for group in greedy)
 
     def test_sampling_logprobs_are_the_policys(self, fp32_pair, prompts, smollm2):
@@ -132,20 +128,11 @@ class TestOneFp32Engine:
         from meml.train.forward import score_logprobs
 
         policy, _, vllm = fp32_pair
-        out = vllm.generate(
-            prompts[:6], SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=24, seed=3)
-        )
-        items = [
-            TrainItem("pg", p, g.token_ids, 1.0) for p, group in zip(prompts, out) for g in group
-        ]
-        score_logprobs(
-            policy, items, 4096, smollm2[2].pad_token_id, contextlib.nullcontext, "old_logprobs"
-        )
+        out = vllm.generate(prompts[:6], SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=24, seed=3))
+        items = [TrainItem("pg", p, g.token_ids, 1.0) for p, group in zip(prompts, out) for g in group]
+        score_logprobs(policy, items, 4096, smollm2[2].pad_token_id, contextlib.nullcontext, "old_logprobs")
         sampled = [g for group in out for g in group]
-        gap = max(
-            float((item.old_logprobs - torch.tensor(g.logprobs)).abs().max())
-            for item, g in zip(items, sampled)
-        )
+        gap = max(float((item.old_logprobs - torch.tensor(g.logprobs)).abs().max()) for item, g in zip(items, sampled))
         print(f"fp32: max |sampler log-prob - policy log-prob| = {gap:.2e}")
         assert gap < 1e-3
 
@@ -166,16 +153,15 @@ def test_bf16_greedy_splits_only_at_near_ties(smollm2, prompts):
         x, y = a[0].token_ids, b[0].token_ids
         if x == y:
             continue
-        split = next(
-            i for i in range(min(len(x), len(y)) + 1) if i == min(len(x), len(y)) or x[i] != y[i]
-        )
+        split = next(i for i in range(min(len(x), len(y)) + 1) if i == min(len(x), len(y)) or x[i] != y[i])
         with torch.no_grad():
             logits = policy(torch.tensor([prompt + x[:split]])).logits[0, -1]  # (V,) fp32
         top = torch.topk(logits, 2).values
         margins.append(float(top[0] - top[1]))
     same = len(prompts) - len(margins)
     print(
-        f"bf16 greedy: {same}/{len(prompts)} completions identical; fp32 top-2 logit margins where they split: {margins}"
+        f"bf16 greedy: {same}/{len(prompts)} completions identical; fp32 top-2 logit margins where they split: "
+        f"{margins}"
     )
     assert same >= len(prompts) // 3
     assert all(m < 0.5 for m in margins), margins  # bf16 logits carry errors of ~0.1 here
@@ -210,9 +196,7 @@ def test_pushed_weights_give_the_updated_policys_greedy_output(smollm2, prompts)
         assert noisy == _ids(hf.generate(prompts, GREEDY))
 
         optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-4)  # one step moves every weight
-        target = tokenizer("The answer is 7.", add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
+        target = tokenizer("The answer is 7.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         batch = torch.tensor([prompts[0] + target])
         logits = policy(batch).logits[0, len(prompts[0]) - 1 : -1]  # (len(target), V)
         torch.nn.functional.cross_entropy(logits, torch.tensor(target)).backward()
@@ -308,10 +292,6 @@ def test_lora_weights_are_merged_and_their_updates_seen(tiny_model_dir):
     )
     before = weight_versions(model)
     with torch.no_grad():
-        next(
-            p for n, p in model.named_parameters() if "layers.1.self_attn.q_proj.lora_B" in n
-        ).add_(1.0)
+        next(p for n, p in model.named_parameters() if "layers.1.self_attn.q_proj.lora_B" in n).add_(1.0)
     after = weight_versions(model)
-    assert [k for k in before if before[k] != after[k]] == [
-        "model.layers.1.self_attn.q_proj.weight"
-    ]
+    assert [k for k in before if before[k] != after[k]] == ["model.layers.1.self_attn.q_proj.weight"]

@@ -54,8 +54,6 @@ def select_pair(episodes: Sequence[Episode], num_experts: int, answer_choice: st
     correct = [e for e in episodes if e.expert == strong and is_correct(e)]
     if not correct:
         return None
-    if answer_choice == "shortest":
-        answer = min(correct, key=lambda e: len(e.completion_ids))  # min keeps the first on ties
-    else:
-        answer = correct[0]
+    # min keeps the first on ties
+    answer = min(correct, key=lambda e: len(e.completion_ids)) if answer_choice == "shortest" else correct[0]
     return IMLPair(episodes[0].question_id, strong, weak, answer)

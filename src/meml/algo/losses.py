@@ -79,7 +79,9 @@ def weighted_sum(token_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Te
 
 # A policy loss: (logp, behaviour logp, advantages, eps_low, eps_high) -> (per-token loss,
 # where the clip was active or None). behaviour is the policy the update is relative to.
-PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor | None]]
+PolicyLoss = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor | None]
+]
 
 
 def _reinforce(logp, behaviour, advantages, eps_low, eps_high):

@@ -85,8 +85,13 @@ def _constant(lengths: torch.Tensor, n: int, total: float, max_new_tokens: int) 
 AGGREGATIONS = Registry("algo.aggregation", {"token_mean": _token_mean, "seq_mean": _seq_mean, "constant": _constant})
 
 
-def sequence_weights(lengths: torch.Tensor, aggregation: str, max_new_tokens: int, num_sequences: int | None = None,
-                     total_tokens: float | None = None) -> torch.Tensor:
+def sequence_weights(
+    lengths: torch.Tensor,
+    aggregation: str,
+    max_new_tokens: int,
+    num_sequences: int | None = None,
+    total_tokens: float | None = None,
+) -> torch.Tensor:
     """Per-token weight of each sequence so that sum(weight * token loss) aggregates as asked.
 
     lengths (N,): response tokens of this process's sequences; num_sequences and
@@ -101,8 +106,16 @@ def sequence_weights(lengths: torch.Tensor, aggregation: str, max_new_tokens: in
 # ----------------------------------------------------------------------------- terms
 
 
-def policy_items(episodes: Sequence[Episode], advantages: torch.Tensor, indices: Sequence[int], aggregation: str,
-                 max_new_tokens: int, num_sequences: int, total_tokens: float, drop_zero: bool) -> list[TrainItem]:
+def policy_items(
+    episodes: Sequence[Episode],
+    advantages: torch.Tensor,
+    indices: Sequence[int],
+    aggregation: str,
+    max_new_tokens: int,
+    num_sequences: int,
+    total_tokens: float,
+    drop_zero: bool,
+) -> list[TrainItem]:
     """L_PG's items. The normaliser counts every sequence of the batch (num_sequences,
     total_tokens: global), but a sequence with zero advantage carries no gradient and is
     left out when drop_zero (no KL term)."""
@@ -114,22 +127,42 @@ def policy_items(episodes: Sequence[Episode], advantages: torch.Tensor, indices:
         if not e.completion_ids or (drop_zero and float(advantages[i]) == 0):
             continue
         sampled = None if e.sample_logprobs is None else torch.tensor(e.sample_logprobs)
-        items.append(TrainItem("pg", e.prompt_ids, e.completion_ids, weight=w, advantage=float(advantages[i]), sample_logprobs=sampled))
+        items.append(
+            TrainItem(
+                "pg", e.prompt_ids, e.completion_ids, weight=w, advantage=float(advantages[i]), sample_logprobs=sampled
+            )
+        )
     return items
 
 
-def iml_items(pairs: Sequence[IMLPair], weak_prompts: Sequence[list[int]], teacher_prompts: Sequence[list[int] | None],
-              coef: float, normaliser: float) -> list[TrainItem]:
+def iml_items(
+    pairs: Sequence[IMLPair],
+    weak_prompts: Sequence[list[int]],
+    teacher_prompts: Sequence[list[int] | None],
+    coef: float,
+    normaliser: float,
+) -> list[TrainItem]:
     """L_IML's items: O+ (the strong expert's answer) under the weak expert's prompt, each
     token-mean and divided by `normaliser` (Q questions, or the pairs that fired)."""
-    return [TrainItem("iml", prompt, p.answer.completion_ids, weight=1.0 / (len(p.answer.completion_ids) * normaliser), coef=coef,
-                      teacher_prompt_ids=teacher)
-            for p, prompt, teacher in zip(pairs, weak_prompts, teacher_prompts)]
+    return [
+        TrainItem(
+            "iml",
+            prompt,
+            p.answer.completion_ids,
+            weight=1.0 / (len(p.answer.completion_ids) * normaliser),
+            coef=coef,
+            teacher_prompt_ids=teacher,
+        )
+        for p, prompt, teacher in zip(pairs, weak_prompts, teacher_prompts)
+    ]
 
 
 def hsft_items(hard: Sequence[HardExample], coef: float, num_items: float) -> list[TrainItem]:
     """L_HSFT's items: the mean over the flushed buffer items of their token-mean NLL."""
-    return [TrainItem("hsft", h.prompt_ids, h.response_ids, weight=1.0 / (len(h.response_ids) * num_items), coef=coef) for h in hard]
+    return [
+        TrainItem("hsft", h.prompt_ids, h.response_ids, weight=1.0 / (len(h.response_ids) * num_items), coef=coef)
+        for h in hard
+    ]
 
 
 def sft_items(pairs: Sequence[tuple[list[int], list[int]]], total_tokens: float) -> list[TrainItem]:
@@ -149,8 +182,14 @@ def _stack(values: list[torch.Tensor | None], width: int, device) -> torch.Tenso
     return out.to(device)
 
 
-def micro_batch_loss(items: Sequence[TrainItem], logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                     settings: LossSettings, teacher: tuple[list[int], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+def micro_batch_loss(
+    items: Sequence[TrainItem],
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    settings: LossSettings,
+    teacher: tuple[list[int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one micro-batch and its statistics (sums, to be averaged later).
 
     logits (B, R, V) predict targets (B, R); mask (B, R) is 1 on response tokens.
@@ -163,18 +202,28 @@ def micro_batch_loss(items: Sequence[TrainItem], logits: torch.Tensor, targets: 
     weight = torch.tensor([it.weight for it in items], device=device, dtype=torch.float32)  # (B,)
     coef = torch.tensor([it.coef for it in items], device=device, dtype=torch.float32)  # (B,)
     adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
-    stats = {"clip_frac_sum": 0.0, "kl_sum": 0.0, "is_weight_sum": 0.0, "is_truncated_sum": 0.0, "is_tokens": 0.0}  # same keys on every process
+    stats = {
+        "clip_frac_sum": 0.0,
+        "kl_sum": 0.0,
+        "is_weight_sum": 0.0,
+        "is_truncated_sum": 0.0,
+        "is_tokens": 0.0,
+    }  # same keys on every process
 
     # The policy this update is relative to: the scored old log-probs (PPO, several updates
     # per batch), else the current policy itself, detached (ratio 1).
     has_old = settings.loss == "ppo_clip" and all(it.old_logprobs is not None for it in items if it.kind == "pg")
     behaviour = _stack([it.old_logprobs for it in items], R, device) if has_old else logp.detach()  # (B, R)
-    pg_tok, clipped = losses.POLICY_LOSSES.get(settings.loss)(logp, behaviour, adv, settings.clip_eps_low, settings.clip_eps_high)
+    pg_tok, clipped = losses.POLICY_LOSSES.get(settings.loss)(
+        logp, behaviour, adv, settings.clip_eps_low, settings.clip_eps_high
+    )
     if clipped is not None:
         stats["clip_frac_sum"] = float((clipped * mask)[is_pg].sum())
     if settings.tis_cap > 0 and any(it.sample_logprobs is not None for it in items):
         has = torch.tensor([it.sample_logprobs is not None for it in items], device=device).unsqueeze(-1)  # (B, 1)
-        w = losses.truncated_is_weights(behaviour, _stack([it.sample_logprobs for it in items], R, device), settings.tis_cap)
+        w = losses.truncated_is_weights(
+            behaviour, _stack([it.sample_logprobs for it in items], R, device), settings.tis_cap
+        )
         w = torch.where(has, w, torch.ones_like(w))  # (B, R); 1 where the engine reported nothing
         pg_tok = pg_tok * w
         pg_mask = mask * (is_pg.unsqueeze(-1) & has)

@@ -26,7 +26,14 @@ from meml.core.errors import ConfigError, DataError, ModelLoadError, RewardConfi
 from meml.core.load import list_presets
 
 # each module registers its subcommand with add_parser(subparsers); heavy imports stay inside its handler
-SUBCOMMANDS = ["meml.cli.train", "meml.cli.eval", "meml.cli.compare", "meml.cli.report", "meml.cli.distill", "meml.cli.data"]
+SUBCOMMANDS = [
+    "meml.cli.train",
+    "meml.cli.eval",
+    "meml.cli.compare",
+    "meml.cli.report",
+    "meml.cli.distill",
+    "meml.cli.data",
+]
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,9 +1,9 @@
 """`meml compare STUDY.yaml`: run a study of arms x seeds x learning rates, then summarise it.
 
-    meml compare studies/sparse_arithmetic.yaml            run what has no record yet, then summarise
-    meml compare studies/sparse_arithmetic.yaml --print    the commands instead (to launch elsewhere)
-    meml compare studies/sparse_arithmetic.yaml --summary  only the summary, tables and plots
-    meml compare studies/sparse_arithmetic.yaml --only meml,grpo
+meml compare studies/sparse_arithmetic.yaml            run what has no record yet, then summarise
+meml compare studies/sparse_arithmetic.yaml --print    the commands instead (to launch elsewhere)
+meml compare studies/sparse_arithmetic.yaml --summary  only the summary, tables and plots
+meml compare studies/sparse_arithmetic.yaml --only meml,grpo
 """
 
 from __future__ import annotations
@@ -56,10 +56,19 @@ vote, and the expert that was best on the selection split, each as mean ± sd ov
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="run a study (arms x seeds x lrs) and compare the arms with paired statistics",
-                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="run a study (arms x seeds x lrs) and compare the arms with paired statistics",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("study", help="the study file (YAML)")
-    p.add_argument("--print", dest="print_only", action="store_true", help="print the commands of the jobs without a record; run nothing")
+    p.add_argument(
+        "--print",
+        dest="print_only",
+        action="store_true",
+        help="print the commands of the jobs without a record; run nothing",
+    )
     p.add_argument("--summary", action="store_true", help="only write the summary, tables and plots from the records")
     p.add_argument("--only", default="", help="comma-separated arms to run (their stage-1 runs included)")
     p.set_defaults(func=_run)
@@ -120,5 +129,8 @@ def write_summary(spec) -> Path:
     (spec.records / "summary.md").write_text(markdown(spec, summary))
     plots = draw(summary, spec.records / "plots")
     print(markdown(spec, summary))
-    print(f"wrote {spec.records / 'summary.json'}, summary.md and {len(plots)} plots in {spec.records / 'plots'}", file=sys.stderr)
+    print(
+        f"wrote {spec.records / 'summary.json'}, summary.md and {len(plots)} plots in {spec.records / 'plots'}",
+        file=sys.stderr,
+    )
     return spec.records / "summary.json"

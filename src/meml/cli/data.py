@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     q.add_argument("source", help="a task name (gsm8k, mathqa, ...) or a data file / directory")
     q.add_argument("-n", "--examples", type=int, default=2, help="examples whose prompts are shown (default 2)")
     # REMAINDER, so that "-n 3" may also come after the overrides
-    q.add_argument("args", nargs=argparse.REMAINDER, help="key=value config overrides, e.g. task.options.question=problem")
+    q.add_argument(
+        "args", nargs=argparse.REMAINDER, help="key=value config overrides, e.g. task.options.question=problem"
+    )
     q.set_defaults(func=_run_from_args)
 
 
@@ -113,8 +115,10 @@ def run_inspect(source: str, overrides: list[str], num_examples: int = 2) -> int
 def _print_prompts(task: Task, experts, examples: list[Example]) -> None:
     for expert in experts:
         if expert.trace_source not in task.styles and not expert.trace_source.startswith("file:"):
-            print(f"\nnote: expert '{expert.name}' takes traces from style '{expert.trace_source}', which task "
-                  f"'{task.name}' does not provide ({', '.join(task.styles) or 'none'}): set its trace_source")
+            print(
+                f"\nnote: expert '{expert.name}' takes traces from style '{expert.trace_source}', which task "
+                f"'{task.name}' does not provide ({', '.join(task.styles) or 'none'}): set its trace_source"
+            )
     for example in examples:
         print(f"\n=== {example.id} (gold: {example.answer})")
         for expert in experts:

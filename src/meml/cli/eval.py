@@ -51,7 +51,9 @@ def _run(ns) -> int:
     return run_eval(target, overrides, preset=options.get("--preset", ns.preset), task=options.get("--task", ns.task))
 
 
-def resolve(target: str | None, overrides: list[str], preset: str | None, task: str | None) -> tuple[Config, Path, str | None]:
+def resolve(
+    target: str | None, overrides: list[str], preset: str | None, task: str | None
+) -> tuple[Config, Path, str | None]:
     """The config, the output directory and the model source (None: cfg.model)."""
     overrides = [*overrides, *([f"task.name={task}"] if task else [])]
     if target and (Path(target) / "config.yaml").exists() and (Path(target) / "checkpoints").exists():
@@ -60,12 +62,17 @@ def resolve(target: str | None, overrides: list[str], preset: str | None, task: 
         run_dir = Path(target)
         base = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         if base.model.trust_remote_code:  # a run directory may come from anyone: its Python files do not run
-            log.warning("%s was made with model.trust_remote_code=true; ignoring that setting, so no Python file in its "
-                        "checkpoint runs. Add model.trust_remote_code=true to this command if you trust that code.",
-                        run_dir / "config.yaml")
+            log.warning(
+                "%s was made with model.trust_remote_code=true; ignoring that setting, so no Python file in its "
+                "checkpoint runs. Add model.trust_remote_code=true to this command if you trust that code.",
+                run_dir / "config.yaml",
+            )
             base.model.trust_remote_code = False
         if base.reward.functions:  # not needed to measure accuracy, and importing them runs their modules
-            log.info("not importing the run's reward.functions (%s): meml eval does not use them", ", ".join(base.reward.functions))
+            log.info(
+                "not importing the run's reward.functions (%s): meml eval does not use them",
+                ", ".join(base.reward.functions),
+            )
             base.reward.functions, base.reward.weights = [], []
         latest = ckpt.find_latest(run_dir)
         if latest is None:
@@ -86,11 +93,19 @@ def settings_of(cfg: Config, source: str | None) -> dict:
     if Path(model).exists():
         model = str(Path(model).resolve())
     t = cfg.task
-    return {"model": model, "revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file,
-            "task": {"name": t.name, "path": t.path, "split": t.eval_split, "options": dict(t.options)},
-            "lenient": cfg.reward.lenient, "experts": [[e.name, e.system_prompt] for e in cfg.experts],
-            "max_new_tokens": cfg.eval.max_new_tokens, "samples": cfg.eval.samples,
-            "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "seed": cfg.seed}
+    return {
+        "model": model,
+        "revision": cfg.model.revision,
+        "gguf_file": cfg.model.gguf_file,
+        "task": {"name": t.name, "path": t.path, "split": t.eval_split, "options": dict(t.options)},
+        "lenient": cfg.reward.lenient,
+        "experts": [[e.name, e.system_prompt] for e in cfg.experts],
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "samples": cfg.eval.samples,
+        "temperature": cfg.rollout.temperature,
+        "top_p": cfg.rollout.top_p,
+        "seed": cfg.seed,
+    }
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -99,8 +114,10 @@ def check_settings(out: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
-            raise ConfigError(f"{out / 'records.jsonl'} holds records made with other settings ({', '.join(changed)} changed). "
-                              "Delete that directory to start over, or set output_dir=<a new directory>.")
+            raise ConfigError(
+                f"{out / 'records.jsonl'} holds records made with other settings ({', '.join(changed)} changed). "
+                "Delete that directory to start over, or set output_dir=<a new directory>."
+            )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1))
 
@@ -149,9 +166,16 @@ def run_eval(target: str | None, overrides: list[str], preset: str | None = None
     todo = [(b, [ex for ex in chunk if ex.id not in done]) for b, chunk in enumerate(chunks)]
     todo = [(b, missing) for b, missing in todo if missing]
     if done:
-        log.info("resuming: %d of %d questions already in %s", sum(ex.id in done for ex in work.eval_examples), len(work.eval_examples), records_path)
+        log.info(
+            "resuming: %d of %d questions already in %s",
+            sum(ex.id in done for ex in work.eval_examples),
+            len(work.eval_examples),
+            records_path,
+        )
     evaluator = attach_model(work, source=source).evaluator() if todo else None
-    bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="eval", unit="batch", disable=not cfg.log.progress)
+    bar = tqdm(
+        total=len(chunks), initial=len(chunks) - len(todo), desc="eval", unit="batch", disable=not cfg.log.progress
+    )
     for b, missing in todo:
         records = evaluate_batch(evaluator, missing, cfg.eval.max_new_tokens, cfg.eval.samples, batch_seed(cfg.seed, b))
         with records_path.open("a") as f:

@@ -44,13 +44,19 @@ class Run:
         return [e["name"] for e in self.config.get("experts", [])]
 
     def series(self, stage: str, key: str) -> tuple[list[int], list[float]]:
-        rows = [(self._x(r), r[key]) for r in self.records if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
+        rows = [
+            (self._x(r), r[key])
+            for r in self.records
+            if r.get("stage") == stage and isinstance(r.get(key), (int, float))
+        ]
         return [s for s, _ in rows], [float(v) for _, v in rows]
 
     def _x(self, record: dict) -> int:
         """Eval records sit on the RL axis; "before" moves to -1 when "after_mef" holds step 0."""
-        if record.get("stage") == "eval" and record.get("tag") == "before" and any(
-            r.get("stage") == "eval" and r.get("tag") == "after_mef" for r in self.records
+        if (
+            record.get("stage") == "eval"
+            and record.get("tag") == "before"
+            and any(r.get("stage") == "eval" and r.get("tag") == "after_mef" for r in self.records)
         ):
             return -1
         return record["step"]
@@ -82,8 +88,15 @@ def load_run(path: Path, name: str | None = None) -> Run:
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
     results = json.loads((path / "results.json").read_text()) if (path / "results.json").exists() else {}
     commands = (path / "command.txt").read_text().splitlines() if (path / "command.txt").exists() else []
-    return Run(name or path.resolve().name, path, _read_jsonl(path / "metrics.jsonl"), config or {}, results, commands,
-               _read_jsonl(path / "samples.jsonl"))
+    return Run(
+        name or path.resolve().name,
+        path,
+        _read_jsonl(path / "metrics.jsonl"),
+        config or {},
+        results,
+        commands,
+        _read_jsonl(path / "samples.jsonl"),
+    )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -136,16 +149,51 @@ def figure_specs(runs: list[Run]) -> list[tuple[str, str, str, list[tuple[str, s
     experts = list(dict.fromkeys(e for run in runs for e in run.experts))
     per_expert = [(f"{e}", e) for e in experts]
     return [
-        ("reward.png", "RL reward per expert", "rl", [("mean", "reward/mean"), *((t, f"reward/{e}") for t, e in per_expert)]),
-        ("zero_signal.png", "Zero-signal groups (all rewards equal)", "rl",
-         [("all groups", "zero_signal_frac"), *((t, f"zero_signal/{e}") for t, e in per_expert)]),
-        ("iml.png", "Inter-expert mutual learning", "rl", [("IML loss", "iml/loss"), ("questions where IML fired", "iml/fired")]),
-        ("hsft.png", "Hard-example SFT buffer", "rl", [("flushes (cumulative)", "hsft/flushes"), ("items in buffer", "hsft/buffer")]),
-        ("eval_accuracy.png", "Held-out greedy accuracy", "eval",
-         [*((t, f"acc/{e}") for t, e in per_expert), ("best expert", "acc/best"), ("any expert", "acc/any"),
-          ("majority vote", "acc/majority")]),
-        ("coverage.png", "Compute-matched coverage: N experts x k vs best single x N*k", "eval",
-         [("mixture", "coverage/mixture"), ("best single expert", "coverage/best"), ("gain (95% bootstrap band)", "coverage/gain")]),
+        (
+            "reward.png",
+            "RL reward per expert",
+            "rl",
+            [("mean", "reward/mean"), *((t, f"reward/{e}") for t, e in per_expert)],
+        ),
+        (
+            "zero_signal.png",
+            "Zero-signal groups (all rewards equal)",
+            "rl",
+            [("all groups", "zero_signal_frac"), *((t, f"zero_signal/{e}") for t, e in per_expert)],
+        ),
+        (
+            "iml.png",
+            "Inter-expert mutual learning",
+            "rl",
+            [("IML loss", "iml/loss"), ("questions where IML fired", "iml/fired")],
+        ),
+        (
+            "hsft.png",
+            "Hard-example SFT buffer",
+            "rl",
+            [("flushes (cumulative)", "hsft/flushes"), ("items in buffer", "hsft/buffer")],
+        ),
+        (
+            "eval_accuracy.png",
+            "Held-out greedy accuracy",
+            "eval",
+            [
+                *((t, f"acc/{e}") for t, e in per_expert),
+                ("best expert", "acc/best"),
+                ("any expert", "acc/any"),
+                ("majority vote", "acc/majority"),
+            ],
+        ),
+        (
+            "coverage.png",
+            "Compute-matched coverage: N experts x k vs best single x N*k",
+            "eval",
+            [
+                ("mixture", "coverage/mixture"),
+                ("best single expert", "coverage/best"),
+                ("gain (95% bootstrap band)", "coverage/gain"),
+            ],
+        ),
         ("completion_len.png", "Completion length (tokens)", "rl", [("mean completion length", "completion_len")]),
         ("tokens_per_s.png", "Throughput (tokens/s)", "rl", [("RL", "tokens_per_s")]),
         ("loss.png", "Training loss", "rl", [("RL loss", "loss")]),
@@ -175,8 +223,16 @@ def draw_plots(runs: list[Run], out: Path) -> list[Plot]:
             for i, run in enumerate(runs):
                 steps, values = run.series(stage, key)
                 if steps:
-                    ax.plot(steps, values, marker=markers[i % len(markers)], markersize=4, linewidth=1.5, alpha=0.85,
-                            color=colours(i % 10), label=run.name)
+                    ax.plot(
+                        steps,
+                        values,
+                        marker=markers[i % len(markers)],
+                        markersize=4,
+                        linewidth=1.5,
+                        alpha=0.85,
+                        color=colours(i % 10),
+                        label=run.name,
+                    )
                     plot.drawn.setdefault(panel, []).append(run.name)
                     low, high = run.series(stage, f"{key}_low"), run.series(stage, f"{key}_high")
                     if low[0] and low[0] == high[0] == steps:  # an interval logged beside the value
@@ -211,7 +267,10 @@ def _fmt(v) -> str:
 
 def final_figures(run: Run, window: int = 10) -> dict[str, object]:
     """The figures of one run's final-figures table."""
-    row: dict[str, object] = {"SFT steps": len(run.series("sft", "loss")[0]), "RL steps": len(run.series("rl", "loss")[0])}
+    row: dict[str, object] = {
+        "SFT steps": len(run.series("sft", "loss")[0]),
+        "RL steps": len(run.series("rl", "loss")[0]),
+    }
     for key in ("reward/mean", "zero_signal_frac", "completion_len", "tokens_per_s"):
         values = run.series("rl", key)[1][-window:]
         if values:
@@ -231,7 +290,10 @@ def _table(runs: list[Run]) -> str:
     rows = [final_figures(run) for run in runs]
     keys = list(dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row))  # the fullest row's order
     head = "".join(f"<th>{_text(run.name)}</th>" for run in runs)
-    body = "".join(f"<tr><th>{_text(k)}</th>" + "".join(f"<td>{_text(_fmt(row.get(k)))}</td>" for row in rows) + "</tr>" for k in keys)
+    body = "".join(
+        f"<tr><th>{_text(k)}</th>" + "".join(f"<td>{_text(_fmt(row.get(k)))}</td>" for row in rows) + "</tr>"
+        for k in keys
+    )
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
@@ -241,8 +303,10 @@ def _commands(run: Run) -> str:
         rebuilt = f"<pre>{_text(equivalent_command(run.config))}</pre>" if run.config else "<p>(no config.yaml)</p>"
     except Exception as exc:  # an old or foreign config: show why instead of failing the report
         rebuilt = f"<p>(config.yaml could not be read back: {_text(exc)})</p>"
-    return (f"<h3>{_text(run.name)} <small>{_text(run.path)}</small></h3><p>as run (command.txt):</p>{recorded}"
-            f"<p>equivalent command, from config.yaml:</p>{rebuilt}")
+    return (
+        f"<h3>{_text(run.name)} <small>{_text(run.path)}</small></h3><p>as run (command.txt):</p>{recorded}"
+        f"<p>equivalent command, from config.yaml:</p>{rebuilt}"
+    )
 
 
 def _samples(run: Run, limit: int = 6) -> str:
@@ -250,13 +314,18 @@ def _samples(run: Run, limit: int = 6) -> str:
         return ""
     last = max(s.get("step", 0) for s in run.samples)
     items = [s for s in run.samples if s.get("step", 0) == last][:limit]
-    rows = "".join(f"<tr><td>{_text(s.get('expert'))}</td><td>{_text(s.get('reward'))}</td><td><pre>{_text(s.get('completion'))}</pre></td></tr>"
-                   for s in items)
-    return f"<h2>Sample completions, step {last}</h2><table><tr><th>expert</th><th>reward</th><th>completion</th></tr>{rows}</table>"
+    rows = "".join(
+        f"<tr><td>{_text(s.get('expert'))}</td><td>{_text(s.get('reward'))}</td><td><pre>{_text(s.get('completion'))}</pre></td></tr>"
+        for s in items
+    )
+    head = "<tr><th>expert</th><th>reward</th><th>completion</th></tr>"
+    return f"<h2>Sample completions, step {last}</h2><table>{head}{rows}</table>"
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}pre{white-space:pre-wrap;margin:2px 0;font-size:12px}
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+pre{white-space:pre-wrap;margin:2px 0;font-size:12px}
 figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:13px;color:#444}"""
 # Marks the page once loaded: <body data-images-loaded="shown/total">; a broken image is easy to spot.
 CHECK = """window.addEventListener("load",function(){var i=document.images,n=0;for(var k=0;k<i.length;k++)
@@ -268,12 +337,16 @@ def write_page(runs: list[Run], plots: list[Plot], out: Path, title: str) -> Pat
     figures = []
     for p in plots:
         data = base64.b64encode((out / p.file).read_bytes()).decode()
-        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_text(p.title)}" data-file="{_text(p.file)}">'
-                       f'<figcaption><a href="{_text(p.file)}">{_text(p.file)}</a>: {_text(p.title)}</figcaption></figure>')
-    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{_text(title)}</title><style>{STYLE}</style>"
-            f"<script>{CHECK}</script></head><body><h1>{_text(title)}</h1><h2>Final figures</h2>{_table(runs)}"
-            f"<h2>Commands</h2>{''.join(_commands(r) for r in runs)}<h2>Plots</h2>{''.join(figures)}"
-            f"{''.join(_samples(r) for r in runs) if len(runs) == 1 else ''}</body></html>")
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{_text(p.title)}" data-file="{_text(p.file)}">'
+            f'<figcaption><a href="{_text(p.file)}">{_text(p.file)}</a>: {_text(p.title)}</figcaption></figure>'
+        )
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_text(title)}</title><style>{STYLE}</style>'
+        f"<script>{CHECK}</script></head><body><h1>{_text(title)}</h1><h2>Final figures</h2>{_table(runs)}"
+        f"<h2>Commands</h2>{''.join(_commands(r) for r in runs)}<h2>Plots</h2>{''.join(figures)}"
+        f"{''.join(_samples(r) for r in runs) if len(runs) == 1 else ''}</body></html>"
+    )
     path = out / "index.html"
     path.write_text(page)
     return path

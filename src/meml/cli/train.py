@@ -1,10 +1,10 @@
 """`meml train` (stage 1 then stage 2, as configured) and `meml sft` (stage 1 only).
 
-    meml train                               the embedded default (SmolLM2-135M, arithmetic, CPU)
-    meml train grpo train.steps=20 optim.lr=1e-6
-    meml train --resume output_dir=runs/x     continue run x from its newest valid checkpoint
-    meml train --overwrite output_dir=runs/x  start afresh in runs/x, removing the earlier run's files
-    meml sft moe_sft output_dir=runs/mef      stage 1 alone
+meml train                               the embedded default (SmolLM2-135M, arithmetic, CPU)
+meml train grpo train.steps=20 optim.lr=1e-6
+meml train --resume output_dir=runs/x     continue run x from its newest valid checkpoint
+meml train --overwrite output_dir=runs/x  start afresh in runs/x, removing the earlier run's files
+meml sft moe_sft output_dir=runs/mef      stage 1 alone
 """
 
 from __future__ import annotations
@@ -29,17 +29,37 @@ Main settings: sft.epochs, sft.lr, sft.sequences_per_step, sft.max_examples, sft
 }
 
 
+EXAMPLES = {"train": "grpo train.steps=20 optim.lr=1e-6", "sft": "moe_sft output_dir=runs/mef"}
+
+
 def add_parser(sub) -> None:
     presets = ", ".join(list_presets())
-    for name, text in (("train", "stage 1 (MEF) then stage 2 (RL), as configured"), ("sft", "stage 1 only: multi-expert SFT")):
-        p = sub.add_parser(name, help=text, description=HELP[name], formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=f"examples:\n  meml {name} {'grpo train.steps=20 optim.lr=1e-6' if name == 'train' else 'moe_sft output_dir=runs/mef'}\n"
-                                  f"presets: {presets}")
+    for name, text in (
+        ("train", "stage 1 (MEF) then stage 2 (RL), as configured"),
+        ("sft", "stage 1 only: multi-expert SFT"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=HELP[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"example:\n  meml {name} {EXAMPLES[name]}\npresets: {presets}",
+        )
         p.add_argument("args", nargs="*", help="[PRESET] [key=value ...]")
         start = p.add_mutually_exclusive_group()
-        start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of output_dir (checkpoint.resume=auto)")
-        start.add_argument("--overwrite", action="store_true",
-                           help="start afresh in an output_dir that holds an earlier run: its checkpoints, logs and results are deleted first")
+        start.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the newest valid checkpoint of output_dir (checkpoint.resume=auto)",
+        )
+        start.add_argument(
+            "--overwrite",
+            action="store_true",
+            help=(
+                "start afresh in an output_dir that holds an earlier run: its checkpoints, logs and results are "
+                "deleted first"
+            ),
+        )
         p.set_defaults(func=cmd_train)
 
 
@@ -66,7 +86,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", 2)
-        print(f"interrupted ({exc or 'SIGINT'}); continue from the last checkpoint with --resume output_dir={cfg.output_dir or '<run>'}",
-              file=sys.stderr)
+        print(
+            f"interrupted ({exc or 'SIGINT'}); continue from the last checkpoint with --resume "
+            f"output_dir={cfg.output_dir or '<run>'}",
+            file=sys.stderr,
+        )
         return 128 + signum
     return 128 + results["stopped"]["signal"] if "stopped" in results else 0

@@ -108,7 +108,9 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory, colocated with training
     max_model_len: int | None = None  # prompt + completion tokens; None: min(model's, 4096)
     max_num_seqs: int | None = None  # sequences decoded at once; None: vLLM's default
-    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~45 s, gains nothing measured), compiled on GPU
+    enforce_eager: bool | None = (
+        None  # None: eager on CPU (compiling costs ~45 s, gains nothing measured), compiled on GPU
+    )
     cpu_threads: int = 1  # CPU: torch threads while vLLM decodes (1 measured fastest); 0 keeps the trainer's
 
 
@@ -208,7 +210,9 @@ class EvalConfig:
     after_mef: bool = True  # also after stage 1, when stage 2 follows: what each stage contributed
     every_steps: int = 0  # also evaluate every N RL steps; 0 = off
     max_new_tokens: int = 160
-    questions_per_batch: int = 64  # questions per generation batch; `meml eval` appends records after each (formerly eval.questions_per_batch)
+    questions_per_batch: int = (
+        64  # questions per generation batch; `meml eval` appends records after each (formerly eval.questions_per_batch)
+    )
     # Sampled answers per (question, expert) at rollout.temperature/top_p, for pass@k, the
     # compute-matched coverage and zero-signal estimates; 0 = greedy only.
     samples: int = 0

@@ -22,10 +22,27 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-FILE_SUFFIXES = frozenset({
-    ".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".jsonl", ".csv", ".tsv",
-    ".parquet", ".arrow", ".yaml", ".yml", ".txt", ".gz", ".zip",
-})
+FILE_SUFFIXES = frozenset(
+    {
+        ".gguf",
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".json",
+        ".jsonl",
+        ".csv",
+        ".tsv",
+        ".parquet",
+        ".arrow",
+        ".yaml",
+        ".yml",
+        ".txt",
+        ".gz",
+        ".zip",
+    }
+)
 _TRUE = ("1", "true", "yes", "on")
 PROBE_TIMEOUT_S = 3.0
 
@@ -59,7 +76,11 @@ def _probe_target() -> tuple[str, int, str]:
             if url.hostname:
                 return url.hostname, url.port or 8080, f"the proxy {url.hostname} ({var})"
     url = urlparse(endpoint())
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443), url.hostname or endpoint()
+    return (
+        url.hostname or "huggingface.co",
+        url.port or (80 if url.scheme == "http" else 443),
+        url.hostname or endpoint(),
+    )
 
 
 @lru_cache(maxsize=1)
@@ -102,12 +123,16 @@ def unavailable(repo_id: str, field: str, cached: bool) -> str | None:
     if cached:
         return None
     if offline():
-        return (f"{field}='{repo_id}' is not a local path, and it is not in the Hugging Face cache while "
-                "HF_HUB_OFFLINE is set: download it once with network access, or give a local path")
+        return (
+            f"{field}='{repo_id}' is not a local path, and it is not in the Hugging Face cache while "
+            "HF_HUB_OFFLINE is set: download it once with network access, or give a local path"
+        )
     reason = unreachable_reason()
     if reason:
-        return (f"{field}='{repo_id}' is not a local path or a cached copy, and the Hugging Face hub "
-                f"({endpoint()}) cannot be reached ({reason}): check the network or give a local path")
+        return (
+            f"{field}='{repo_id}' is not a local path or a cached copy, and the Hugging Face hub "
+            f"({endpoint()}) cannot be reached ({reason}): check the network or give a local path"
+        )
     return None
 
 

@@ -116,7 +116,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     `preset` may join several with "+", applied left to right, e.g. "task_gsm8k+grpo".
     """
     cfg = OmegaConf.structured(Config)
-    for name in (preset.split("+") if preset else []):
+    for name in preset.split("+") if preset else []:
         path = _preset_path(name)
         data = _read_preset(path)
         if not isinstance(data, dict):

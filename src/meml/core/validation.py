@@ -103,8 +103,12 @@ def validate(cfg: Config) -> None:
     if a.iml.enabled and len(cfg.experts) < 2:
         raise ConfigError("algo.iml.enabled needs at least two experts; set algo.iml.enabled=false")
 
-    if r.temperature == 0 and r.num_generations_per_expert > 1 and cfg.train.steps > 0 and (
-            a.advantage_grouping == "expert" or len(cfg.experts) == 1):
+    if (
+        r.temperature == 0
+        and r.num_generations_per_expert > 1
+        and cfg.train.steps > 0
+        and (a.advantage_grouping == "expert" or len(cfg.experts) == 1)
+    ):
         raise ConfigError(
             f"rollout.temperature=0 decodes greedily, so the G=rollout.num_generations_per_expert="
             f"{r.num_generations_per_expert} answers of each (question, expert) group are identical: every "

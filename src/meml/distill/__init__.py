@@ -83,13 +83,22 @@ def run_distill(cfg: Config, preset: str | None = None) -> dict:
                     report[s.experts[i].name]["skipped"] += 1
                 else:
                     pairs.append(Pair(ex, i, s.experts[i]))
-        log.info("distill: teacher %s, %d questions x %d experts, %d pairs to do (%d already in %s)",
-                 label, len(examples), len(experts), len(pairs), len(examples) * len(experts) - len(pairs), path)
+        log.info(
+            "distill: teacher %s, %d questions x %d experts, %d pairs to do (%d already in %s)",
+            label,
+            len(examples),
+            len(experts),
+            len(pairs),
+            len(examples) * len(experts) - len(pairs),
+            path,
+        )
         with contextlib.closing(_results(cfg, s, pairs, verify)) if pairs else contextlib.nullcontext(()) as results:
             for result in results:
                 _count(report[result.pair.expert.name], result)
                 if result.response is None:
-                    log.warning("question %s, expert %s: %s", result.pair.example.id, result.pair.expert.name, result.error)
+                    log.warning(
+                        "question %s, expert %s: %s", result.pair.example.id, result.pair.expert.name, result.error
+                    )
                     continue
                 writer.write(_row(result, label))
     _log_report(report, path)
@@ -104,7 +113,9 @@ def _results(cfg: Config, s, pairs: list[Pair], verify):
             log.info("distill: $%s is not set; sending requests without an API key", d.api_key_env)
         client = ChatClient(d.base_url, d.model, key, d.request_timeout_s, d.max_retries, seed=cfg.seed)
         sampling = {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": d.max_new_tokens}
-        return http_results(pairs, client, s.task.format_instruction, verify, d.samples_per_question, sampling, d.concurrency)
+        return http_results(
+            pairs, client, s.task.format_instruction, verify, d.samples_per_question, sampling, d.concurrency
+        )
     engine, prompt_of = _local_teacher(cfg, s)
     params = SamplingParams(d.samples_per_question, d.temperature, d.top_p, d.max_new_tokens, cfg.seed)
     pairs_per_call = max(1, cfg.rollout.sequences_per_generate // d.samples_per_question)
@@ -128,7 +139,9 @@ def _local_teacher(cfg: Config, s):
     from meml.engines.factory import make_engine
     from meml.tasks.experts import prompt_ids
 
-    teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.distill.model, gguf_file=None, revision=None, lora=LoraConfig(enabled=False))
+    teacher_cfg = dataclasses.replace(
+        cfg.model, name_or_path=cfg.distill.model, gguf_file=None, revision=None, lora=LoraConfig(enabled=False)
+    )
     tokenizer = model_lib.load_tokenizer(teacher_cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = model_lib.load_policy(teacher_cfg).requires_grad_(False).to(device)
@@ -150,15 +163,32 @@ def _count(counts: dict, result: PairResult) -> None:
 
 
 def _row(result: PairResult, teacher: str) -> dict:
-    row = {"question_id": result.pair.example.id, "expert": result.pair.expert.name, "response": result.response,
-           "teacher": teacher, "verified": result.verified, "attempt": result.attempts}
+    row = {
+        "question_id": result.pair.example.id,
+        "expert": result.pair.expert.name,
+        "response": result.response,
+        "teacher": teacher,
+        "verified": result.verified,
+        "attempt": result.attempts,
+    }
     row.update({k: v for k, v in result.extra.items() if v is not None})
     return row
 
 
 def _log_report(report: dict, path: Path) -> None:
     log.info("distill report (this run; skipped = already in the file):")
-    log.info("  %-16s %6s %8s %10s %6s %8s %7s", "expert", "pairs", "verified", "unverified", "failed", "attempts", "skipped")
+    log.info(
+        "  %-16s %6s %8s %10s %6s %8s %7s", "expert", "pairs", "verified", "unverified", "failed", "attempts", "skipped"
+    )
     for name, c in report.items():
-        log.info("  %-16s %6d %8d %10d %6d %8d %7d", name, c["pairs"], c["verified"], c["unverified"], c["failed"], c["attempts"], c["skipped"])
+        log.info(
+            "  %-16s %6d %8d %10d %6d %8d %7d",
+            name,
+            c["pairs"],
+            c["verified"],
+            c["unverified"],
+            c["failed"],
+            c["attempts"],
+            c["skipped"],
+        )
     log.info("wrote %s; train on it with experts.N.trace_source=file:%s", path, path)

@@ -210,8 +210,11 @@ class ChatClient:
         self._api_key = api_key or ""
         scheme, host, _ = origin(self.url)
         if self._api_key and scheme == "http" and not is_loopback(host):
-            log.warning("distill.base_url %s is plain http to another machine: the API key travels unencrypted; "
-                        "use https:// unless the network between is yours", _show(self.url))
+            log.warning(
+                "distill.base_url %s is plain http to another machine: the API key travels unencrypted; "
+                "use https:// unless the network between is yours",
+                _show(self.url),
+            )
         self._opener = urllib.request.build_opener(_SameOriginRedirects)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -225,7 +228,14 @@ class ChatClient:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     def complete(self, messages: list[dict], temperature: float, top_p: float, max_tokens: int) -> ChatReply:
-        body = {"model": self.model, "messages": messages, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": 1}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "n": 1,
+        }
         data = json.dumps(body).encode("utf-8")
         for retry in range(self.max_retries + 1):
             try:
@@ -251,14 +261,18 @@ class ChatClient:
         except _OtherOrigin as exc:
             scheme, host, port = origin(exc.target)
             raise TeacherHTTPError(
-                self._scrub(f"{self.url}: HTTP {exc.code} redirects to another host ({scheme}://{host}:{port}); not followed, "
-                            "so the API key and the prompts do not go there. Set distill.base_url to the endpoint that answers."),
+                self._scrub(
+                    f"{self.url}: HTTP {exc.code} redirects to another host ({scheme}://{host}:{port}); not followed, "
+                    "so the API key and the prompts do not go there. Set distill.base_url to the endpoint that answers."
+                ),
                 exc.code,
             ) from None
         except urllib.error.HTTPError as exc:  # before URLError, its parent
             detail = self._scrub(_error_detail(exc))
             if exc.code == 429 or exc.code >= 500:
-                raise _Transient(f"HTTP {exc.code}: {detail}", exc.code, parse_retry_after(exc.headers.get("Retry-After"))) from None
+                raise _Transient(
+                    f"HTTP {exc.code}: {detail}", exc.code, parse_retry_after(exc.headers.get("Retry-After"))
+                ) from None
             raise TeacherHTTPError(f"{self.url}: HTTP {exc.code}: {detail}", exc.code) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # OSError covers timeouts
             reason = getattr(exc, "reason", exc)
@@ -271,7 +285,9 @@ class ChatClient:
             message = choice["message"]
         except (ValueError, KeyError, IndexError, TypeError):
             snippet = self._scrub(raw[:200].decode("utf-8", "replace"))
-            raise TeacherHTTPError(f"{self.url}: the reply is not a chat completion (does base_url end in /v1?): {snippet!r}") from None
+            raise TeacherHTTPError(
+                f"{self.url}: the reply is not a chat completion (does base_url end in /v1?): {snippet!r}"
+            ) from None
         reason = choice.get("finish_reason")
         extra = {"finish_reason": reason}
         thinking = message.get("reasoning_content") or message.get("reasoning")

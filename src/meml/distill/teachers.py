@@ -67,7 +67,12 @@ def keep_first_verified(pair: Pair, samples: list[tuple[str, bool, dict]], verif
 
 
 def local_results(
-    pairs: list[Pair], engine, prompt_of: Callable[[Pair], list[int]], verify: Verify, params: SamplingParams, pairs_per_call: int
+    pairs: list[Pair],
+    engine,
+    prompt_of: Callable[[Pair], list[int]],
+    verify: Verify,
+    params: SamplingParams,
+    pairs_per_call: int,
 ) -> Iterator[PairResult]:
     """Sample `params.num_samples` answers per pair with a rollout engine, a batch at a time
     (so a killed run loses one batch), and keep the first that verifies."""
@@ -80,7 +85,13 @@ def local_results(
 
 
 def _ask_until_verified(
-    client: ChatClient, pair: Pair, format_instruction: str, verify: Verify, tries: int, sampling: dict, stop: threading.Event
+    client: ChatClient,
+    pair: Pair,
+    format_instruction: str,
+    verify: Verify,
+    tries: int,
+    sampling: dict,
+    stop: threading.Event,
 ) -> PairResult:
     """Runs in a worker thread, so `verify` must be thread-safe (verifiers are pure functions)."""
     messages = chat_messages(pair.expert, pair.example, format_instruction)
@@ -101,7 +112,13 @@ def _ask_until_verified(
 
 
 def http_results(
-    pairs: list[Pair], client: ChatClient, format_instruction: str, verify: Verify, tries: int, sampling: dict, concurrency: int
+    pairs: list[Pair],
+    client: ChatClient,
+    format_instruction: str,
+    verify: Verify,
+    tries: int,
+    sampling: dict,
+    concurrency: int,
 ) -> Iterator[PairResult]:
     """Ask the endpoint with at most `concurrency` pairs (so requests) in flight.
 
@@ -116,7 +133,9 @@ def http_results(
     try:
         while True:
             for pair in todo:  # top the pool up to `concurrency` pairs, no more
-                running.add(pool.submit(_ask_until_verified, client, pair, format_instruction, verify, tries, sampling, stop))
+                running.add(
+                    pool.submit(_ask_until_verified, client, pair, format_instruction, verify, tries, sampling, stop)
+                )
                 if len(running) >= concurrency:
                     break
             if not running:

@@ -60,7 +60,9 @@ def split_completion(row: list[int], stop_ids: list[int]) -> tuple[list[int], bo
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]: ...
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[list[Generation]]: ...
 
     def sync_weights(self, policy: torch.nn.Module) -> None: ...
 

@@ -23,8 +23,15 @@ def _vllm(policy, tokenizer, dtype, sequences_per_generate, share_weights, vllm)
 ENGINES = Registry("rollout.backend", {"hf": _hf, "vllm": _vllm})
 
 
-def make_engine(backend: str, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, sequences_per_generate: int,
-                share_weights: bool = True, vllm: dict | None = None) -> Engine:
+def make_engine(
+    backend: str,
+    policy: torch.nn.Module,
+    tokenizer,
+    dtype: torch.dtype,
+    sequences_per_generate: int,
+    share_weights: bool = True,
+    vllm: dict | None = None,
+) -> Engine:
     """share_weights: an fp32 engine may generate from the policy's own weights (no copy).
     vllm: the rollout.vllm settings, for that backend."""
     return ENGINES.get(backend)(policy, tokenizer, dtype, sequences_per_generate, share_weights, vllm)

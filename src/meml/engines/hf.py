@@ -80,7 +80,14 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 class HFEngine:
     """Batched `generate` from transformers with left padding."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, dtype: torch.dtype, sequences_per_generate: int, share_weights: bool = True):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        dtype: torch.dtype,
+        sequences_per_generate: int,
+        share_weights: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.sequences_per_generate = sequences_per_generate
         self.stop_ids = stop_token_ids(policy, tokenizer)
@@ -93,7 +100,9 @@ class HFEngine:
             self._owns_copy = True
         self._config_for_generation()
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if head is not None and not getattr(head, "_meml_contiguous_input", False):  # the prefill's strided last position: see the module docstring
+        if head is not None and not getattr(
+            head, "_meml_contiguous_input", False
+        ):  # the prefill's strided last position: see the module docstring
             head.register_forward_pre_hook(_contiguous_input)
             head._meml_contiguous_input = True  # once per module, however many engines share it
 
@@ -119,7 +128,9 @@ class HFEngine:
                 param.copy_(state[name])
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[list[Generation]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[list[Generation]]:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -133,7 +144,9 @@ class HFEngine:
             self.model.train()
         return out
 
-    def _generate_chunk(self, chunk: list[list[int]], seeds: list[int], params: SamplingParams, device) -> list[list[Generation]]:
+    def _generate_chunk(
+        self, chunk: list[list[int]], seeds: list[int], params: SamplingParams, device
+    ) -> list[list[Generation]]:
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (prompts, width), left-padded
@@ -145,13 +158,17 @@ class HFEngine:
         samples = 1 if greedy else params.num_samples  # greedy samples are identical: generate once, repeat
         processors = []
         if not greedy:
-            row_seeds = [prompt_seed(seed, j) for seed in seeds for j in range(samples)]  # rows: samples of a prompt adjacent
+            row_seeds = [
+                prompt_seed(seed, j) for seed in seeds for j in range(samples)
+            ]  # rows: samples of a prompt adjacent
             processors = [RowSeededSampler(row_seeds, params.temperature, params.top_p, device)]
         from transformers import GenerationConfig, LogitsProcessorList
 
         # A fresh generation config: a model's own defaults (repetition penalty, top-k, ...)
         # would otherwise bend the sampling distribution away from the policy's.
-        config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids)
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids
+        )
         sequences = self.model.generate(
             input_ids=input_ids.repeat_interleave(samples, dim=0).to(device),
             attention_mask=attention_mask.repeat_interleave(samples, dim=0).to(device),

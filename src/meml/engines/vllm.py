@@ -58,7 +58,6 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-
 def _env_float(name: str, default: float | None) -> float | None:
     raw = os.environ.get(name, "").strip()
     return float(raw) if raw else default
@@ -110,9 +109,7 @@ def policy_source(policy: torch.nn.Module) -> str:
             "save_pretrained and load it from there, or use rollout.backend=hf"
         )
     if Path(source).exists() and not (Path(source) / "config.json").exists():
-        raise VLLMEngineError(
-            f"rollout.backend=vllm: {source} has no config.json, vLLM cannot load it"
-        )
+        raise VLLMEngineError(f"rollout.backend=vllm: {source} has no config.json, vLLM cannot load it")
     return str(source)
 
 
@@ -187,9 +184,7 @@ class VLLMEngine:
         self.packed_modules = self.llm.collective_rpc(packed_modules)[0]
         self._versions: dict[str, tuple[int, ...]] = {}  # weight versions the engine holds
         self.last_sync: dict = {}
-        self.sync_weights(
-            policy, full=True
-        )  # the engine loaded the files; the policy in memory is the truth
+        self.sync_weights(policy, full=True)  # the engine loaded the files; the policy in memory is the truth
         log.info(
             "vLLM %s engine on %s started in %.1f s (%s)",
             vllm.__version__,
@@ -320,9 +315,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
-        samples = (
-            1 if params.temperature == 0 else params.num_samples
-        )  # greedy: generate once, repeat
+        samples = 1 if params.temperature == 0 else params.num_samples  # greedy: generate once, repeat
         requests, sampling = [], []
         for prompt, seed in zip(prompts, seeds):
             for j in range(samples):
@@ -335,9 +328,7 @@ class VLLMEngine:
         for i in range(len(prompts)):
             group = generations[i * samples : (i + 1) * samples]
             result.append(
-                group
-                if samples == params.num_samples
-                else [_copy(group[0]) for _ in range(params.num_samples)]
+                group if samples == params.num_samples else [_copy(group[0]) for _ in range(params.num_samples)]
             )
         return result
 
@@ -347,9 +338,7 @@ class VLLMEngine:
         logprobs = None
         if completion.logprobs is not None:
             logprobs = [float(step[tok].logprob) for tok, step in zip(ids, completion.logprobs)]
-        return Generation(
-            ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished, logprobs
-        )
+        return Generation(ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished, logprobs)
 
     @contextlib.contextmanager
     def _generation_threads(self):
@@ -380,6 +369,4 @@ class VLLMEngine:
 
 
 def _copy(g: Generation) -> Generation:
-    return Generation(
-        list(g.token_ids), g.text, g.finished, None if g.logprobs is None else list(g.logprobs)
-    )
+    return Generation(list(g.token_ids), g.text, g.finished, None if g.logprobs is None else list(g.logprobs))

@@ -15,6 +15,7 @@ import torch
 class VLLMEngineError(RuntimeError):
     """The vLLM backend cannot run this setup; the message says what to change."""
 
+
 def merged_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights under checkpoint names, LoRA adapters merged in (no copy when
     there are no adapters). vLLM's engine has no adapters: it gets W + scale * B @ A."""
@@ -68,7 +69,8 @@ def layer_groups(names: list[str], packed_modules: dict[str, list[str]]) -> dict
     vLLM fuses some layers (q/k/v into qkv_proj, gate/up into gate_up_proj) and reloads a
     layer only once all of its weights arrived: a layer must be pushed whole.
 
-    >>> layer_groups(["m.0.q_proj.weight", "m.0.k_proj.weight", "m.0.o_proj.weight"], {"qkv_proj": ["q_proj", "k_proj"]})
+    >>> names = ["m.0.q_proj.weight", "m.0.k_proj.weight", "m.0.o_proj.weight"]
+    >>> layer_groups(names, {"qkv_proj": ["q_proj", "k_proj"]})
     {'m.0.qkv_proj': ['m.0.q_proj.weight', 'm.0.k_proj.weight'], 'm.0.o_proj': ['m.0.o_proj.weight']}
     """
     fused = {part: packed for packed, parts in packed_modules.items() for part in parts}

@@ -66,8 +66,10 @@ class QuestionRecord:
 
     @staticmethod
     def from_dict(d: dict) -> QuestionRecord:
-        experts = {name: ExpertAnswers(e["prompt"], Answer(**e["greedy"]), [Answer(**a) for a in e["samples"]])
-                   for name, e in d["experts"].items()}
+        experts = {
+            name: ExpertAnswers(e["prompt"], Answer(**e["greedy"]), [Answer(**a) for a in e["samples"]])
+            for name, e in d["experts"].items()
+        }
         return QuestionRecord(**{**d, "experts": experts})
 
     @property
@@ -109,7 +111,9 @@ class Evaluator:
     top_p: float = 1.0
 
 
-def evaluate_batch(ev: Evaluator, examples: list[Example], max_new_tokens: int, samples: int = 0, seed: int = 0) -> list[QuestionRecord]:
+def evaluate_batch(
+    ev: Evaluator, examples: list[Example], max_new_tokens: int, samples: int = 0, seed: int = 0
+) -> list[QuestionRecord]:
     """Greedy (and, with samples > 0, sampled) answers of every expert to `examples`."""
     num_experts = len(ev.experts)
     prompts = [ev.prompt(ex, e) for ex in examples for e in range(num_experts)]
@@ -133,7 +137,9 @@ def evaluate_batch(ev: Evaluator, examples: list[Example], max_new_tokens: int, 
         if not rec.abstained:
             rec.majority, rec.majority_score = _vote(ev.task, ex, [x.greedy for x in experts.values()])
             if samples:
-                rec.majority_sampled, rec.majority_sampled_score = _vote(ev.task, ex, [a for x in experts.values() for a in x.samples])
+                rec.majority_sampled, rec.majority_sampled_score = _vote(
+                    ev.task, ex, [a for x in experts.values() for a in x.samples]
+                )
         records.append(rec)
     return records
 
@@ -147,7 +153,9 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 1_000_003 + 7919 * (batch_index + 1)
 
 
-def evaluate_examples(ev: Evaluator, examples: list[Example], cfg: EvalConfig, group_size: int, seed: int) -> tuple[dict, list[QuestionRecord]]:
+def evaluate_examples(
+    ev: Evaluator, examples: list[Example], cfg: EvalConfig, group_size: int, seed: int
+) -> tuple[dict, list[QuestionRecord]]:
     """Summary and one record per question, in memory (the trainer's evaluation): greedy
     accuracy per expert, and with cfg.samples > 0 the sampled figures; group_size is G of
     the zero-signal estimates."""
@@ -186,7 +194,9 @@ def summarize(records: list[QuestionRecord], expert_names: list[str], cfg: EvalC
     return summary
 
 
-def sampled_summary(records: list[QuestionRecord], expert_names: list[str], samples: int, cfg: EvalConfig, group_size: int) -> dict:
+def sampled_summary(
+    records: list[QuestionRecord], expert_names: list[str], samples: int, cfg: EvalConfig, group_size: int
+) -> dict:
     """pass@k, sampled majority, compute-matched coverage and zero-signal groups."""
 
     def counts(answers: list[Answer]) -> tuple[int, int]:
@@ -213,8 +223,13 @@ def sampled_summary(records: list[QuestionRecord], expert_names: list[str], samp
     k = cfg.coverage_k or samples // len(expert_names)
     if cfg.coverage and len(expert_names) > 1:
         if k < 1 or k * len(expert_names) > samples:
-            log.warning("compute-matched coverage skipped: %d experts x k=%d needs eval.samples >= %d (have %d)",
-                        len(expert_names), max(k, 1), max(k, 1) * len(expert_names), samples)
+            log.warning(
+                "compute-matched coverage skipped: %d experts x k=%d needs eval.samples >= %d (have %d)",
+                len(expert_names),
+                max(k, 1),
+                max(k, 1) * len(expert_names),
+                samples,
+            )
         else:
             result = compute_matched_coverage(n, c, expert_names, k, cfg.bootstrap_resamples, seed=0)
             out.update(result.as_summary())
@@ -229,7 +244,9 @@ def diversity_verdict(summary: dict) -> str | None:
     k, budget = summary["coverage/k"], summary["coverage/budget"]
     low, high = summary["coverage/gain_low"], summary["coverage/gain_high"]
     verdict = "yes" if low > 0 else "no" if high < 0 else "not distinguishable from no gain"
-    return (f"experts diversify? {verdict}: P(>=1 correct) with {budget // k} experts x {k} samples = "
-            f"{summary['coverage/mixture']:.3f} vs best single expert ({summary['coverage/best_expert']}) x {budget} = "
-            f"{summary['coverage/best']:.3f}; gain {summary['coverage/gain']:+.3f} [{low:+.3f}, {high:+.3f}] "
-            f"(95% paired bootstrap over {summary['sampled_questions']} questions)")
+    return (
+        f"experts diversify? {verdict}: P(>=1 correct) with {budget // k} experts x {k} samples = "
+        f"{summary['coverage/mixture']:.3f} vs best single expert ({summary['coverage/best_expert']}) x {budget} = "
+        f"{summary['coverage/best']:.3f}; gain {summary['coverage/gain']:+.3f} [{low:+.3f}, {high:+.3f}] "
+        f"(95% paired bootstrap over {summary['sampled_questions']} questions)"
+    )

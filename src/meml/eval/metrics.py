@@ -98,7 +98,9 @@ def zero_signal(n, c, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     return all_wrong, all_wrong + all_right
 
 
-def paired_bootstrap(mixture, singles, resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    mixture, singles, resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """Gain of the mixture over the best single expert, with a percentile interval.
 
     mixture: (Q,) per-question values; singles: (Q, E) per question and expert. Questions
@@ -127,15 +129,26 @@ class MatchedCoverage:
     questions: int
 
     def as_summary(self) -> dict:
-        out: dict = {"coverage/k": self.k, "coverage/budget": self.k * len(self.single), "coverage/mixture": self.mixture}
+        out: dict = {
+            "coverage/k": self.k,
+            "coverage/budget": self.k * len(self.single),
+            "coverage/mixture": self.mixture,
+        }
         out.update({f"coverage/{name}": v for name, v in self.single.items()})
-        out.update({"coverage/best": self.single[self.best], "coverage/gain": self.gain,
-                    "coverage/gain_low": self.gain_low, "coverage/gain_high": self.gain_high})
+        out.update(
+            {
+                "coverage/best": self.single[self.best],
+                "coverage/gain": self.gain,
+                "coverage/gain_low": self.gain_low,
+                "coverage/gain_high": self.gain_high,
+            }
+        )
         return out
 
 
-def compute_matched_coverage(n, c, expert_names: list[str], k: int, resamples: int = 1000, seed: int = 0,
-                             confidence: float = 0.95) -> MatchedCoverage:
+def compute_matched_coverage(
+    n, c, expert_names: list[str], k: int, resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> MatchedCoverage:
     """N experts x k samples against each single expert x N*k samples, per question.
 
     n, c: (Q, N) sample counts and correct counts per (question, expert); needs n >= N*k.
@@ -144,15 +157,25 @@ def compute_matched_coverage(n, c, expert_names: list[str], k: int, resamples: i
     c = np.asarray(c)
     budget = k * len(expert_names)
     if n.size and n.min() < budget:
-        raise ValueError(f"compute-matched coverage with k={k} and {len(expert_names)} experts needs "
-                         f">= {budget} samples per (question, expert); the fewest here is {n.min()}")
+        raise ValueError(
+            f"compute-matched coverage with k={k} and {len(expert_names)} experts needs "
+            f">= {budget} samples per (question, expert); the fewest here is {n.min()}"
+        )
     mixture = mixture_pass(n, c, k)  # (Q,)
     singles = pass_at_k(n, c, budget)  # (Q, N)
     means = singles.mean(0) if len(n) else np.zeros(len(expert_names))
     best = int(np.argmax(means))
     point, low, high = paired_bootstrap(mixture, singles, resamples, seed, confidence) if len(n) else (0.0, 0.0, 0.0)
-    return MatchedCoverage(k, float(mixture.mean()) if len(n) else 0.0, dict(zip(expert_names, means.tolist())),
-                           expert_names[best], point, low, high, len(n))
+    return MatchedCoverage(
+        k,
+        float(mixture.mean()) if len(n) else 0.0,
+        dict(zip(expert_names, means.tolist())),
+        expert_names[best],
+        point,
+        low,
+        high,
+        len(n),
+    )
 
 
 # ----------------------------------------------------------------------------- studies
@@ -175,8 +198,15 @@ class PairedDifference:
     questions: int
 
     def as_dict(self) -> dict:
-        return {"diff": self.estimate, "low": self.low, "high": self.high, "p": self.p_value, "per_seed": self.per_seed,
-                "seeds": self.seeds, "questions": self.questions}
+        return {
+            "diff": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "p": self.p_value,
+            "per_seed": self.per_seed,
+            "seeds": self.seeds,
+            "questions": self.questions,
+        }
 
 
 def bootstrap_weights(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
@@ -203,7 +233,9 @@ def paired_difference(a, b, resamples: int = 2000, seed: int = 0, confidence: fl
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
-        raise ValueError(f"paired_difference needs two (seeds, questions) arrays of the same shape; got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"paired_difference needs two (seeds, questions) arrays of the same shape; got {a.shape} and {b.shape}"
+        )
     d = a - b  # (S, Q)
     S, Q = d.shape
     estimate = float(d.mean())

@@ -59,8 +59,17 @@ def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str, c
     start = stage1_job(spec, a.stage1, seed) if a.stage1 else None
     # model.name_or_path=<a run directory> loads that run's newest checkpoint
     start_model = [f"model.name_or_path={start.run_dir}"] if start else []
-    overrides = [*spec.common, *spec.rl, *a.overrides, "sft.enabled=false", *start_model, *([f"optim.lr={lr}"] if lr is not None else []),
-                 *_fixed(seed, run_dir), "eval.after_mef=false", "checkpoint.keep_last=1"]
+    overrides = [
+        *spec.common,
+        *spec.rl,
+        *a.overrides,
+        "sft.enabled=false",
+        *start_model,
+        *([f"optim.lr={lr}"] if lr is not None else []),
+        *_fixed(seed, run_dir),
+        "eval.after_mef=false",
+        "checkpoint.keep_last=1",
+    ]
     job = Job(key, "rl", arm, seed, lr, a.preset, overrides, run_dir, start, phase)
     job.evals = eval_arguments(spec, run_dir)
     if phase == "grid" and not chosen and len(grid(spec, arm)) > 1:
@@ -76,9 +85,15 @@ def _fixed(seed: int, run_dir: Path) -> list[str]:
 def eval_arguments(spec: StudySpec, run_dir: Path) -> dict[str, list[str]]:
     out = {}
     for name, e in spec.evaluation.items():
-        args = [str(run_dir), *(["--task", e.task] if e.task else []), f"task.eval_split={e.split}",
-                f"task.max_eval_examples={'null' if e.questions is None else e.questions}", *e.overrides,
-                f"output_dir={run_dir / ('eval-' + name)}", "log.progress=false"]
+        args = [
+            str(run_dir),
+            *(["--task", e.task] if e.task else []),
+            f"task.eval_split={e.split}",
+            f"task.max_eval_examples={'null' if e.questions is None else e.questions}",
+            *e.overrides,
+            f"output_dir={run_dir / ('eval-' + name)}",
+            "log.progress=false",
+        ]
         out[name] = args
     return out
 
@@ -88,7 +103,12 @@ def grid(spec: StudySpec, arm: str) -> list[float | None]:
 
 
 def grid_jobs(spec: StudySpec) -> list[Job]:
-    return [rl_job(spec, arm, lr, seed, "grid") for seed in spec.selection_seeds for arm in spec.arms for lr in grid(spec, arm)]
+    return [
+        rl_job(spec, arm, lr, seed, "grid")
+        for seed in spec.selection_seeds
+        for arm in spec.arms
+        for lr in grid(spec, arm)
+    ]
 
 
 def chosen_lr(spec: StudySpec, arm: str, records: dict[str, dict]) -> float | None:
@@ -110,7 +130,9 @@ def chosen_lr(spec: StudySpec, arm: str, records: dict[str, dict]) -> float | No
 def shared_expert(spec: StudySpec, record: dict) -> str:
     experts = record["experts"]
     if spec.shared_expert not in experts:
-        raise ConfigError(f"shared_expert '{spec.shared_expert}' is not an expert of {record['job']} (experts: {experts})")
+        raise ConfigError(
+            f"shared_expert '{spec.shared_expert}' is not an expert of {record['job']} (experts: {experts})"
+        )
     return spec.shared_expert
 
 

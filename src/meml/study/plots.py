@@ -1,8 +1,8 @@
 """Plots of a study summary (PNG): accuracy per arm, paired differences, the lr grids.
 
-    accuracy_<set>.png     per metric, each arm's mean (bar) and every seed (dots)
-    differences.png        each comparison's paired difference with its interval
-    lr_grid.png            selection-split accuracy of the shared expert against the lr
+accuracy_<set>.png     per metric, each arm's mean (bar) and every seed (dots)
+differences.png        each comparison's paired difference with its interval
+lr_grid.png            selection-split accuracy of the shared expert against the lr
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from pathlib import Path
 
 from meml.study.summary import METRICS
 
-NAMES = {"shared": "shared expert", "any": "any expert correct", "majority": "majority vote", "best_val": "best expert (chosen on validation)"}
+NAMES = {
+    "shared": "shared expert",
+    "any": "any expert correct",
+    "majority": "majority vote",
+    "best_val": "best expert (chosen on validation)",
+}
 
 
 def _plt():
@@ -40,7 +45,9 @@ def draw(summary: dict, out: Path) -> list[Path]:
 
 def accuracy_plot(summary: dict, eval_set: str, path: Path) -> Path:
     plt = _plt()
-    rows = [(f"stage 1: {k}", v) for k, v in summary["stage1"].items()] + [(v["label"], v) for v in summary["arms"].values()]
+    rows = [(f"stage 1: {k}", v) for k, v in summary["stage1"].items()] + [
+        (v["label"], v) for v in summary["arms"].values()
+    ]
     rows = [(name, v["eval"][eval_set]) for name, v in rows if eval_set in v["eval"]]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 0.45 * len(rows) + 1.6), sharey=True)
     for ax, metric in zip(axes, METRICS):
@@ -54,7 +61,9 @@ def accuracy_plot(summary: dict, eval_set: str, path: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)), [name for name, _ in rows])
     axes[0].invert_yaxis()
-    fig.suptitle(f"{summary['study']}: greedy accuracy on '{eval_set}' (bar: mean over seeds, dots: seeds)", fontsize=11)
+    fig.suptitle(
+        f"{summary['study']}: greedy accuracy on '{eval_set}' (bar: mean over seeds, dots: seeds)", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,8 +44,10 @@ def eval_entry(out_dir: Path, experts: list[str]) -> dict:
     records = _read_jsonl(out_dir / "records.jsonl")
     ids = [r["question_id"] for r in records]
     scores = {name: [r["experts"][name]["greedy"]["score"] for r in records] for name in experts}
-    scores["majority"] = [None if all(r["experts"][n]["greedy"]["score"] is None for n in experts) else (r.get("majority_score") or 0.0)
-                          for r in records]
+    scores["majority"] = [
+        None if all(r["experts"][n]["greedy"]["score"] is None for n in experts) else (r.get("majority_score") or 0.0)
+        for r in records
+    ]
     return {"summary": summary, "question_ids": ids, "scores": scores}
 
 
@@ -61,14 +63,33 @@ def train_stats(run_dir: Path) -> dict:
         out["sft_final_loss"] = sft[-1].get("loss")
         out["sft_step_time_s"] = float(np.mean([r["step_time_s"] for r in sft]))
     if rl:
+
         def mean(key: str) -> float | None:
             values = [r[key] for r in rl if isinstance(r.get(key), (int, float))]
             return float(np.mean(values)) if values else None
 
         out["rl_steps"] = len(rl)
-        for key in ("reward/mean", "correct/mean", "zero_signal_frac", "zero_signal_frac_question", "all_wrong_frac_question",
-                    "trained_sequences", "iml/fired", "rescued", "hsft/pushed", "completion_len", "truncated_frac",
-                    "step_time_s", "time/generate_s", "time/update_s", "loss", "pg_loss", "iml/loss", "hsft/loss", "grad_norm"):
+        for key in (
+            "reward/mean",
+            "correct/mean",
+            "zero_signal_frac",
+            "zero_signal_frac_question",
+            "all_wrong_frac_question",
+            "trained_sequences",
+            "iml/fired",
+            "rescued",
+            "hsft/pushed",
+            "completion_len",
+            "truncated_frac",
+            "step_time_s",
+            "time/generate_s",
+            "time/update_s",
+            "loss",
+            "pg_loss",
+            "iml/loss",
+            "hsft/loss",
+            "grad_norm",
+        ):
             out[key] = mean(key)
         out["hsft/flushes"] = rl[-1].get("hsft/flushes", 0)
         # tokens_per_s is completion tokens / step time, so their product is the step's tokens
@@ -79,8 +100,12 @@ def train_stats(run_dir: Path) -> dict:
 def code_version() -> dict:
     root = Path(meml.__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     return {"meml": getattr(meml, "__version__", "?"), "commit": commit, "src_modified": bool(dirty)}
@@ -91,11 +116,23 @@ def build_record(spec, job, config: dict, command: list[str], wall_s: float) -> 
     evals = {name: eval_entry(job.run_dir / f"eval-{name}", experts) for name in job.evals}
     test = evals.get("test")
     return {
-        "study": spec.name, "job": job.key, "kind": job.kind, "arm": job.arm, "seed": job.seed, "lr": job.lr,
-        "phase": job.phase if job.kind == "rl" else "stage1", "stage1": job.start.arm if job.start else None,
-        "steps": config["train"]["steps"] if job.kind == "rl" else 0, "experts": experts,
+        "study": spec.name,
+        "job": job.key,
+        "kind": job.kind,
+        "arm": job.arm,
+        "seed": job.seed,
+        "lr": job.lr,
+        "phase": job.phase if job.kind == "rl" else "stage1",
+        "stage1": job.start.arm if job.start else None,
+        "steps": config["train"]["steps"] if job.kind == "rl" else 0,
+        "experts": experts,
         "test_questions": len(test["question_ids"]) if test else 0,
-        "config": config, "command": command, "evals": job.evals,
-        "eval": evals, "train": train_stats(job.run_dir), "code": code_version(),
-        "wall_s": wall_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config,
+        "command": command,
+        "evals": job.evals,
+        "eval": evals,
+        "train": train_stats(job.run_dir),
+        "code": code_version(),
+        "wall_s": wall_s,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

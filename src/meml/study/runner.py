@@ -94,10 +94,14 @@ def check_unchanged(job: Job, record: dict | None) -> None:
     if record is not None:
         changed = config_differences(record["config"], planned)
         old_evals = record.get("evals", {})
-        changed += [f"evaluation set {name}" for name in job.evals if name in old_evals and old_evals[name] != job.evals[name]]
+        changed += [
+            f"evaluation set {name}" for name in job.evals if name in old_evals and old_evals[name] != job.evals[name]
+        ]
         if changed:
-            raise ConfigError(f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])}). "
-                              "Restore the study file, or delete that record (and its run directory) to run the job again.")
+            raise ConfigError(
+                f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])}). "
+                "Restore the study file, or delete that record (and its run directory) to run the job again."
+            )
         return
     saved = job.run_dir / "config.yaml"
     if saved.exists():
@@ -109,8 +113,10 @@ def check_unchanged(job: Job, record: dict | None) -> None:
         new.get("checkpoint", {}).pop("resume", None)
         changed = config_differences(old, new)
         if changed:
-            raise ConfigError(f"{job.key}: {job.run_dir} holds a run made with other settings ({'; '.join(changed[:6])}). "
-                              "Restore the study file, or delete that directory to run the job again.")
+            raise ConfigError(
+                f"{job.key}: {job.run_dir} holds a run made with other settings ({'; '.join(changed[:6])}). "
+                "Restore the study file, or delete that directory to run the job again."
+            )
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -151,7 +157,10 @@ class Runner:
             missing = [name for name in job.evals if name not in record["eval"]]
             return self.add_evals(job, record, missing) if missing else record
         t0 = time.time()
-        self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: {'training' if not (job.run_dir / 'results.json').exists() else 'evaluating'}")
+        self.echo(
+            f"{time.strftime('%H:%M:%S')} {job.key}: "
+            f"{'training' if not (job.run_dir / 'results.json').exists() else 'evaluating'}"
+        )
         if not (job.run_dir / "results.json").exists():
             if job.run_dir.exists() and not list((job.run_dir / "checkpoints").glob("*-0*")):
                 shutil.rmtree(job.run_dir)  # killed before its first checkpoint: start it again, logs and all
@@ -170,7 +179,10 @@ class Runner:
         from meml.study.record import eval_entry
 
         if not list((job.run_dir / "checkpoints").glob("*-0*")):
-            raise StudyError(f"{job.key}: its record lacks {names} and its checkpoints are gone; delete {record['_path']} to run it again")
+            raise StudyError(
+                f"{job.key}: its record lacks {names} and its checkpoints are gone; delete {record['_path']} to run "
+                "it again"
+            )
         t0 = time.time()
         self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: evaluating on {', '.join(names)}")
         for name in names:
@@ -230,7 +242,9 @@ class Runner:
         spec = self.spec
         wanted = (lambda j: j.arm in only) if only else (lambda j: True)
         for job in all_stage1_jobs(spec):
-            if job.seed in spec.selection_seeds and (not only or any(spec.arms[a].stage1 == job.arm for a in only if a in spec.arms) or job.arm in only):
+            if job.seed in spec.selection_seeds and (
+                not only or any(spec.arms[a].stage1 == job.arm for a in only if a in spec.arms) or job.arm in only
+            ):
                 self.ensure(job)
         for arm in spec.arms:
             if only and arm not in only:
@@ -286,7 +300,10 @@ def plan_lines(spec: StudySpec, launcher: list[str] | None = None) -> list[str]:
     for arm in waiting:
         rest = [s for s in spec.seeds if s not in spec.selection_seeds]
         if rest:
-            lines.append(f"# arm {arm}: seeds {rest} run at the lr chosen on '{spec.selection.split}' once its grid has records: "
-                         "run `meml compare STUDY` (it only assembles records of runs that are done) and print again")
+            lines.append(
+                f"# arm {arm}: seeds {rest} run at the lr chosen on '{spec.selection.split}' once its grid has "
+                "records: "
+                "run `meml compare STUDY` (it only assembles records of runs that are done) and print again"
+            )
     lines.append("# then: meml compare STUDY  (writes a record per finished run, the summary and the plots)")
     return lines

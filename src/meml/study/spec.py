@@ -141,7 +141,10 @@ def check_study(spec: StudySpec, where: str = "study") -> None:
         problems.append("arms: at least one arm")
     for name, arm in spec.arms.items():
         if arm.stage1 and arm.stage1 not in spec.stage1:
-            problems.append(f"arms.{name}.stage1: '{arm.stage1}' is not a stage1 recipe ({', '.join(spec.stage1) or 'none defined'})")
+            problems.append(
+                f"arms.{name}.stage1: '{arm.stage1}' is not a stage1 recipe "
+                f"({', '.join(spec.stage1) or 'none defined'})"
+            )
         if any(lr <= 0 for lr in arm.lrs):
             problems.append(f"arms.{name}.lrs: learning rates must be > 0, got {arm.lrs}")
         if len(set(arm.lrs)) != len(arm.lrs):
@@ -151,7 +154,10 @@ def check_study(spec: StudySpec, where: str = "study") -> None:
         if bad:
             problems.append(f"names may not contain '{key}': {bad}")
     if spec.selection.split not in spec.evaluation:
-        problems.append(f"selection.split: '{spec.selection.split}' is not an evaluation set ({', '.join(spec.evaluation) or 'none defined'})")
+        problems.append(
+            f"selection.split: '{spec.selection.split}' is not an evaluation set "
+            f"({', '.join(spec.evaluation) or 'none defined'})"
+        )
     for name in spec.report:
         if name not in spec.evaluation:
             problems.append(f"report: '{name}' is not an evaluation set")

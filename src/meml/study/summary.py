@@ -44,7 +44,10 @@ def metric_scores(spec: StudySpec, record: dict, eval_set: str, metric: str) -> 
         values = _vector(entry, "majority")
     elif metric == "any":
         per = [_vector(entry, e) for e in experts]
-        values = [None if all(v[q] is None for v in per) else max(v[q] or 0.0 for v in per) for q in range(len(entry["question_ids"]))]
+        values = [
+            None if all(v[q] is None for v in per) else max(v[q] or 0.0 for v in per)
+            for q in range(len(entry["question_ids"]))
+        ]
     else:
         raise ValueError(f"unknown metric {metric}; metrics: {METRICS}")
     return dict(zip(entry["question_ids"], values))
@@ -70,32 +73,56 @@ def arm_records(spec: StudySpec, arm: str, records: dict) -> tuple[float | None,
     return lr, found
 
 
-def paired_arrays(spec: StudySpec, a: list[dict], b: list[dict], eval_set: str, metric: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def paired_arrays(
+    spec: StudySpec, a: list[dict], b: list[dict], eval_set: str, metric: str
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(seeds, questions) score arrays of two arms on their common seeds and questions."""
     by_seed_a = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in a if eval_set in r["eval"]}
     by_seed_b = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in b if eval_set in r["eval"]}
     seeds = [s for s in spec.seeds if s in by_seed_a and s in by_seed_b]
     if not seeds:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
-    questions = [q for q in by_seed_a[seeds[0]]
-                 if all(q in by_seed_a[s] and q in by_seed_b[s] and by_seed_a[s][q] is not None and by_seed_b[s][q] is not None
-                        for s in seeds)]
+    questions = [
+        q
+        for q in by_seed_a[seeds[0]]
+        if all(
+            q in by_seed_a[s] and q in by_seed_b[s] and by_seed_a[s][q] is not None and by_seed_b[s][q] is not None
+            for s in seeds
+        )
+    ]
     xa = np.array([[by_seed_a[s][q] for q in questions] for s in seeds], dtype=float)
     xb = np.array([[by_seed_b[s][q] for q in questions] for s in seeds], dtype=float)
     return xa, xb, seeds
 
 
 def summarize_study(spec: StudySpec, records: dict) -> dict:
-    out: dict = {"study": spec.name, "seeds": spec.seeds, "selection": {"split": spec.selection.split, "seeds": spec.selection_seeds,
-                 "metric": f"acc/{spec.shared_expert}"}, "report": spec.report, "stage1": {}, "arms": {}, "comparisons": []}
+    out: dict = {
+        "study": spec.name,
+        "seeds": spec.seeds,
+        "selection": {
+            "split": spec.selection.split,
+            "seeds": spec.selection_seeds,
+            "metric": f"acc/{spec.shared_expert}",
+        },
+        "report": spec.report,
+        "stage1": {},
+        "arms": {},
+        "comparisons": [],
+    }
     eval_sets = list(spec.evaluation)
     for recipe in spec.stage1:
         recs = [records[k] for s in spec.seeds if (k := stage1_job(spec, recipe, s).key) in records]
         out["stage1"][recipe] = _figures(spec, recs, eval_sets)
     for arm, a in spec.arms.items():
         lr, recs = arm_records(spec, arm, records)
-        entry = {"label": spec.label(arm), "preset": a.preset, "stage1": a.stage1 or None, "lr": lr,
-                 "grid": _grid_scores(spec, arm, records), **_figures(spec, recs, eval_sets)}
+        entry = {
+            "label": spec.label(arm),
+            "preset": a.preset,
+            "stage1": a.stage1 or None,
+            "lr": lr,
+            "grid": _grid_scores(spec, arm, records),
+            **_figures(spec, recs, eval_sets),
+        }
         out["arms"][arm] = entry
     for arm, base in spec.comparisons:
         _, ra = arm_records(spec, arm, records)
@@ -107,9 +134,18 @@ def summarize_study(spec: StudySpec, records: dict) -> dict:
                     continue
                 b = spec.bootstrap
                 diff = paired_difference(xa, xb, b.resamples, b.seed, b.confidence)
-                out["comparisons"].append({"arm": arm, "baseline": base, "eval": eval_set, "metric": metric,
-                                           "arm_acc": float(xa.mean()), "baseline_acc": float(xb.mean()),
-                                           "seeds_used": seeds, **diff.as_dict()})
+                out["comparisons"].append(
+                    {
+                        "arm": arm,
+                        "baseline": base,
+                        "eval": eval_set,
+                        "metric": metric,
+                        "arm_acc": float(xa.mean()),
+                        "baseline_acc": float(xb.mean()),
+                        "seeds_used": seeds,
+                        **diff.as_dict(),
+                    }
+                )
     return out
 
 
@@ -135,10 +171,14 @@ def _figures(spec: StudySpec, recs: list[dict], eval_sets: list[str]) -> dict:
             values = [accuracy(metric_scores(spec, r, eval_set, metric)) for r in recs if eval_set in r["eval"]]
             m, sd = mean_and_sd(values)
             per_metric[metric] = {"per_seed": values, "mean": m, "sd": sd}
-        per_metric["best_val_expert"] = [best_on_validation(spec, r) for r in recs] if eval_set != spec.selection.split else None
+        per_metric["best_val_expert"] = (
+            [best_on_validation(spec, r) for r in recs] if eval_set != spec.selection.split else None
+        )
         figures["eval"][eval_set] = per_metric
     keys = sorted({k for r in recs for k in r.get("train", {})})
-    figures["train"] = {k: mean_and_sd([r["train"][k] for r in recs if isinstance(r["train"].get(k), (int, float))])[0] for k in keys}
+    figures["train"] = {
+        k: mean_and_sd([r["train"][k] for r in recs if isinstance(r["train"].get(k), (int, float))])[0] for k in keys
+    }
     figures["wall_s"] = mean_and_sd([r["wall_s"] for r in recs])[0] if recs else None
     return figures
 
@@ -154,38 +194,69 @@ def _pm(entry: dict) -> str:
 
 def markdown(spec: StudySpec, summary: dict) -> str:
     """The summary as Markdown tables (summary.md beside summary.json)."""
-    lines = [f"# Study `{spec.name}`", "",
-             f"Seeds {spec.seeds}; each arm's lr chosen on `{spec.selection.split}` (shared expert `{spec.shared_expert}`, "
-             f"seeds {spec.selection_seeds}); accuracy is greedy, mean ± sd over seeds.", ""]
+    lines = [
+        f"# Study `{spec.name}`",
+        "",
+        f"Seeds {spec.seeds}; each arm's lr chosen on `{spec.selection.split}` (shared expert `{spec.shared_expert}`, "
+        f"seeds {spec.selection_seeds}); accuracy is greedy, mean ± sd over seeds.",
+        "",
+    ]
     for eval_set in list(dict.fromkeys([*spec.report, *[e for e in spec.evaluation if e != spec.selection.split]])):
-        lines += [f"## `{eval_set}`", "", "| arm | lr | seeds | shared | any expert | majority | best expert (chosen on validation) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## `{eval_set}`",
+            "",
+            "| arm | lr | seeds | shared | any expert | majority | best expert (chosen on validation) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for recipe, fig in summary["stage1"].items():
             ev = fig["eval"].get(eval_set)
             if ev:
-                lines.append(f"| stage 1 `{recipe}` | - | {len(fig['seeds_done'])} | " + " | ".join(_pm(ev[m]) for m in METRICS) + " |")
+                lines.append(
+                    f"| stage 1 `{recipe}` | - | {len(fig['seeds_done'])} | "
+                    + " | ".join(_pm(ev[m]) for m in METRICS)
+                    + " |"
+                )
         for fig in summary["arms"].values():
             ev = fig["eval"].get(eval_set)
             if ev:
                 lr = "-" if fig["lr"] is None else f"{fig['lr']:.0e}"
-                lines.append(f"| {fig['label']} | {lr} | {len(fig['seeds_done'])} | " + " | ".join(_pm(ev[m]) for m in METRICS) + " |")
+                lines.append(
+                    f"| {fig['label']} | {lr} | {len(fig['seeds_done'])} | "
+                    + " | ".join(_pm(ev[m]) for m in METRICS)
+                    + " |"
+                )
         lines.append("")
     if summary["comparisons"]:
-        lines += ["## Paired comparisons", "",
-                  "| arm | baseline | set | metric | arm | baseline | difference [95% CI] | p | per seed |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Paired comparisons",
+            "",
+            "| arm | baseline | set | metric | arm | baseline | difference [95% CI] | p | per seed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in summary["comparisons"]:
             per = ", ".join(f"{x:+.3f}" for x in c["per_seed"])
-            lines.append(f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['metric']} | {c['arm_acc']:.3f} | "
-                         f"{c['baseline_acc']:.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | {per} |")
+            lines.append(
+                f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['metric']} | "
+                f"{c['arm_acc']:.3f} | "
+                f"{c['baseline_acc']:.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | "
+                f"{per} |"
+            )
         lines.append("")
-    lines += ["## Training (means over steps and seeds)", "",
-              "| arm | reward | questions all wrong | PG rows / step | IML fired / step | HSFT pushes / step | step s |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Training (means over steps and seeds)",
+        "",
+        "| arm | reward | questions all wrong | PG rows / step | IML fired / step | HSFT pushes / step | step s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for fig in summary["arms"].values():
         t = fig["train"]
 
         def f(key: str, fmt: str = "{:.3f}", t: dict = t) -> str:
             return fmt.format(t[key]) if isinstance(t.get(key), (int, float)) and not np.isnan(t[key]) else "-"
 
-        lines.append(f"| {fig['label']} | {f('reward/mean')} | {f('all_wrong_frac_question')} | {f('trained_sequences', '{:.1f}')} | "
-                     f"{f('iml/fired', '{:.2f}')} | {f('hsft/pushed', '{:.2f}')} | {f('step_time_s', '{:.1f}')} |")
+        lines.append(
+            f"| {fig['label']} | {f('reward/mean')} | {f('all_wrong_frac_question')} | "
+            f"{f('trained_sequences', '{:.1f}')} | "
+            f"{f('iml/fired', '{:.2f}')} | {f('hsft/pushed', '{:.2f}')} | {f('step_time_s', '{:.1f}')} |"
+        )
     return "\n".join(lines) + "\n"

@@ -178,12 +178,18 @@ def generate(split: str, size: int, difficulty: int, seed: int) -> list[Example]
 def build(cfg: TaskConfig, lenient: bool) -> Task:
     unknown = set(cfg.options) - set(DEFAULT_OPTIONS)
     if unknown:
-        raise DataError(f"task.options: unknown option(s) {sorted(unknown)} for arithmetic; valid: {sorted(DEFAULT_OPTIONS)}")
+        raise DataError(
+            f"task.options: unknown option(s) {sorted(unknown)} for arithmetic; valid: {sorted(DEFAULT_OPTIONS)}"
+        )
     opts = {**DEFAULT_OPTIONS, **cfg.options}
     difficulty, seed = int(opts["difficulty"]), int(opts["seed"])
     if difficulty < 1:
         raise DataError(f"task.options.difficulty={difficulty} must be >= 1")
-    sizes = {"train": int(opts["train_size"]), "validation": int(opts["validation_size"]), "test": int(opts["test_size"])}
+    sizes = {
+        "train": int(opts["train_size"]),
+        "validation": int(opts["validation_size"]),
+        "test": int(opts["test_size"]),
+    }
 
     def load(split: str) -> list[Example]:
         if split not in sizes:

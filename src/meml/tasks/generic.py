@@ -41,7 +41,7 @@ from meml.core.errors import DataError
 from meml.core.types import Example
 from meml.tasks import verifiers
 from meml.tasks.base import NUMERIC_FORMAT, Task
-from meml.tasks.choices import CHOICE_FORMAT, choices_of, render_options
+from meml.tasks.choices import CHOICE_FORMAT, choices_of, render_options, verify_choice
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,19 @@ YES_NO_FORMAT = 'End your reply with a sentence that starts with "The answer is"
 TEXT_FORMAT = 'End your reply with a sentence that starts with "The answer is" and gives the final answer.'
 INSTRUCTIONS = {"numeric": NUMERIC_FORMAT, "choice": CHOICE_FORMAT, "yes_no": YES_NO_FORMAT, "text": TEXT_FORMAT}
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-OPTIONS = ("question", "answer", "rationale", "id", "extra", "verifier", "choices", "format", "files", "hub_config", "instruction")
+OPTIONS = (
+    "question",
+    "answer",
+    "rationale",
+    "id",
+    "extra",
+    "verifier",
+    "choices",
+    "format",
+    "files",
+    "hub_config",
+    "instruction",
+)
 
 Row = tuple[str, int, object]  # (where, row index, the row's dict or the DataError reading it)
 
@@ -76,7 +88,11 @@ def read_rows(path: Path, fmt: str | None = None) -> Iterator[Row]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    yield where, lineno - 1, DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})")
+                    yield (
+                        where,
+                        lineno - 1,
+                        DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"),
+                    )
                     continue
                 if line.strip():
                     yield where, lineno - 1, _json_line(line, where)
@@ -123,8 +139,10 @@ def _not_utf8(path: Path) -> DataError:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                                 f"{exc.start + 1}); save the file as UTF-8")
+                return DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                )
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
@@ -141,15 +159,28 @@ def hub_rows(source: str, split: str, config: str | None = None) -> Iterator[Row
 
     try:
         rows = load_dataset(source, config, split=split)
-    except (OSError, ValueError, KeyError, ImportError) as exc:  # includes datasets' ConnectionError, DatasetNotFoundError
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        ImportError,
+    ) as exc:  # includes datasets' ConnectionError, DatasetNotFoundError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"task.path='{source}': could not load split '{split}' from the Hugging Face hub "
-                        f"({type(exc).__name__}: {first})") from None
+        raise DataError(
+            f"task.path='{source}': could not load split '{split}' from the Hugging Face hub "
+            f"({type(exc).__name__}: {first})"
+        ) from None
     yield from ((f"{source}[{split}] row {i}", i, dict(row)) for i, row in enumerate(rows))
 
 
-def open_split(source: str, split: str, names: dict[str, tuple[str, ...]] | None = None, fmt: str | None = None,
-               hub_config: str | None = None, hub_splits: dict[str, str] | None = None) -> tuple[Iterator[Row], str, str]:
+def open_split(
+    source: str,
+    split: str,
+    names: dict[str, tuple[str, ...]] | None = None,
+    fmt: str | None = None,
+    hub_config: str | None = None,
+    hub_splits: dict[str, str] | None = None,
+) -> tuple[Iterator[Row], str, str]:
     """(rows, where they come from, the split's name for example ids) for one split of a
     local path or a hub id.
 
@@ -166,24 +197,32 @@ def open_split(source: str, split: str, names: dict[str, tuple[str, ...]] | None
                     if stem != split:
                         log.info("split '%s': no %s file in %s, reading %s", split, split, path, file.name)
                     return read_rows(file, fmt), str(file), stem
-        raise DataError(f"task.path: no file for split '{split}' in {path} (looked for {', '.join(s + '.*' for s in stems)})")
+        raise DataError(
+            f"task.path: no file for split '{split}' in {path} (looked for {', '.join(s + '.*' for s in stems)})"
+        )
     if path.exists():
         return read_rows(path, fmt), str(path), split
     if hub.looks_like_local_path(source) or path.suffix.lower() in SUFFIXES:
-        raise DataError(f"task.path: {path} does not exist (it reads as a local path, so it is not looked up "
-                        "on the Hugging Face hub)")
+        raise DataError(
+            f"task.path: {path} does not exist (it reads as a local path, so it is not looked up "
+            "on the Hugging Face hub)"
+        )
     # Offline, `datasets` reads its cache or fails at once by itself; online with the hub out
     # of reach it would retry for half a minute, so that is caught here.
     reason = None if hub.offline() else hub.unreachable_reason()
     if reason:
-        raise DataError(f"task.path='{source}' is not a local path, and the Hugging Face hub ({hub.endpoint()}) "
-                        f"cannot be reached ({reason}): check the network, give a local path, or set "
-                        "HF_HUB_OFFLINE=1 to use a copy in the datasets cache")
+        raise DataError(
+            f"task.path='{source}' is not a local path, and the Hugging Face hub ({hub.endpoint()}) "
+            f"cannot be reached ({reason}): check the network, give a local path, or set "
+            "HF_HUB_OFFLINE=1 to use a copy in the datasets cache"
+        )
     hub_split = (hub_splits or {}).get(split, split)
     return hub_rows(source, hub_split, hub_config), f"{source}[{hub_split}]", split
 
 
-def collect(rows: Iterator[Row], parse: Callable[[dict, str, int], Example], skip_invalid: bool, source: str) -> tuple[list[Example], int]:
+def collect(
+    rows: Iterator[Row], parse: Callable[[dict, str, int], Example], skip_invalid: bool, source: str
+) -> tuple[list[Example], int]:
     """Parse rows into Examples: a malformed row or a repeated id raises, or with
     `skip_invalid` is skipped and counted. No rows at all is an error."""
     examples: list[Example] = []
@@ -228,8 +267,10 @@ def make_verify(kind: str, lenient: bool, choices_key: str = "options") -> Calla
     def verify(completion: str, example: Example, finished: bool = True):
         if kind == "choice":
             options = example.columns.get(choices_key) or {}
-            return verifiers.verify_choice(completion, example.answer, options, finished, lenient)
-        fn = {"numeric": verifiers.verify_numeric, "yes_no": verifiers.verify_yes_no, "text": verifiers.verify_text}[kind]
+            return verify_choice(completion, example.answer, options, finished, lenient)
+        fn = {"numeric": verifiers.verify_numeric, "yes_no": verifiers.verify_yes_no, "text": verifiers.verify_text}[
+            kind
+        ]
         return fn(completion, example.answer, finished, lenient)
 
     return verify
@@ -272,7 +313,9 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
             options = choices_of(row.get(opts["choices"]), where, opts["choices"])
             columns["options"] = options
             question = render_options(question, options)
-        row_id = str(row[opts["id"]]) if opts.get("id") and row.get(opts["id"]) is not None else f"{name}-{split}-{index}"
+        row_id = (
+            str(row[opts["id"]]) if opts.get("id") and row.get(opts["id"]) is not None else f"{name}-{split}-{index}"
+        )
         example = Example(id=row_id, question=question, answer=answer, columns=columns)
         solution = row.get(opts["rationale"]) if opts.get("rationale") else None
         if isinstance(solution, str) and solution.strip():

@@ -97,7 +97,9 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
             raise DataError(f"gym has splits {sorted(seeds)}, not '{split}'")
         if split not in datasets:
             try:
-                datasets[split] = rg.create_dataset(name, size=sizes[split], seed=seeds[split], **dict(opts["config"] or {}))
+                datasets[split] = rg.create_dataset(
+                    name, size=sizes[split], seed=seeds[split], **dict(opts["config"] or {})
+                )
             except Exception as exc:  # noqa: BLE001 - an unknown name or option, in the library's words
                 raise DataError(f"task.options: reasoning-gym could not build '{name}': {exc}") from None
         return datasets[split]
@@ -111,7 +113,11 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
         answer, how = gym_answer(completion, lenient)
         if answer is None:
             return Verdict(0.0, None, {"reason": how, "correct": 0.0})
-        entry = {"question": example.question, "answer": example.answer, "metadata": example.columns.get("metadata", {})}
+        entry = {
+            "question": example.question,
+            "answer": example.answer,
+            "metadata": example.columns.get("metadata", {}),
+        }
         try:
             scorer = next(iter(datasets.values())) if datasets else dataset_for(example.id.rsplit("-", 2)[-2])
             score = float(scorer.score_answer(answer, entry))

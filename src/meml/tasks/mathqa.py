@@ -45,9 +45,18 @@ HUB_SPLITS = {"dev": "validation"}
 # The distributed text was UTF-8 read as cp1252, then lower-cased and split into tokens:
 # "×" (C3 97) became "ã —". A run of such characters is turned back into bytes and decoded,
 # trying the upper-case lead byte ("ã" was "Ã") and, for "š" "œ" "ž", the capital's byte.
-_CONTINUATION = "\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122"
+_CONTINUATION = (
+    "\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122"
+)
 _MOJIBAKE_RE = re.compile(rf"[\u00c0-\u00ff](?: ?[{_CONTINUATION}]){{1,3}}")
-_LEAD_ALTERNATIVES = {0xE2: (0xE2, 0xC2), 0xE3: (0xC3, 0xE3), 0xEF: (0xEF, 0xCF), 0xE5: (0xC5, 0xE5), 0xF0: (0xF0, 0xD0)}
+_LEAD_ALTERNATIVES = {
+    0xE2: (0xE2, 0xC2),
+    0xE3: (0xC3, 0xE3),
+    0xEF: (0xEF, 0xCF),
+    0xE5: (0xC5, 0xE5),
+    0xF0: (0xF0, 0xD0),
+}
 _CONT_ALTERNATIVES = {0x9A: (0x9A, 0x8A), 0x9C: (0x9C, 0x8C), 0x9E: (0x9E, 0x8E)}
 _PLAIN = {"−": "-", "–": "-", "∗": "*", "⁄": "/", "\ufffd": ""}
 _OWN_ANSWER_RE = re.compile(
@@ -100,7 +109,6 @@ def clean_rationale(text: str) -> str:
     return " ".join(text.split())
 
 
-
 # ----------------------------------------------------------------------------- formulas
 
 # annotated_formula is nested calls over numbers and constants, e.g.
@@ -109,19 +117,37 @@ def clean_rationale(text: str) -> str:
 _TOKEN_RE = re.compile(r"\s*([A-Za-z_][\w.]*|-?\d+(?:\.\d+)?|[(),])")
 _INFIX = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/", "power": "^"}
 _FUNCTIONS = {  # only operations whose meaning is unambiguous are worked out
-    "add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b,
-    "divide": lambda a, b: a / b, "power": lambda a, b: a**b if abs(b) <= 64 else None,
-    "sqrt": lambda a: math.sqrt(a), "inverse": lambda a: 1 / a, "negate": lambda a: -a,
-    "floor": lambda a: float(math.floor(a)), "reminder": lambda a, b: a % b,
+    "add": lambda a, b: a + b,
+    "subtract": lambda a, b: a - b,
+    "multiply": lambda a, b: a * b,
+    "divide": lambda a, b: a / b,
+    "power": lambda a, b: a**b if abs(b) <= 64 else None,
+    "sqrt": lambda a: math.sqrt(a),
+    "inverse": lambda a: 1 / a,
+    "negate": lambda a: -a,
+    "floor": lambda a: float(math.floor(a)),
+    "reminder": lambda a, b: a % b,
     "factorial": lambda a: float(math.factorial(int(a))) if a == int(a) and 0 <= a <= 50 else None,
-    "choose": lambda n, k: float(math.comb(int(n), int(k))), "permutation": lambda n, k: float(math.perm(int(n), int(k))),
-    "gcd": lambda a, b: float(math.gcd(int(a), int(b))), "lcm": lambda a, b: float(math.lcm(int(a), int(b))),
-    "max": max, "min": min, "negate_prob": lambda p: 1 - p, "speed": lambda d, t: d / t,
-    "square_area": lambda a: a * a, "square_perimeter": lambda a: 4 * a, "square_edge_by_area": lambda a: math.sqrt(a),
-    "rectangle_area": lambda a, b: a * b, "rectangle_perimeter": lambda a, b: 2 * (a + b),
-    "circle_area": lambda r: math.pi * r * r, "circumface": lambda r: 2 * math.pi * r,
-    "volume_cube": lambda a: a**3, "surface_cube": lambda a: 6 * a * a, "cube_edge_by_volume": lambda v: v ** (1 / 3),
-    "volume_rectangular_prism": lambda a, b, c: a * b * c, "surface_sphere": lambda r: 4 * math.pi * r * r,
+    "choose": lambda n, k: float(math.comb(int(n), int(k))),
+    "permutation": lambda n, k: float(math.perm(int(n), int(k))),
+    "gcd": lambda a, b: float(math.gcd(int(a), int(b))),
+    "lcm": lambda a, b: float(math.lcm(int(a), int(b))),
+    "max": max,
+    "min": min,
+    "negate_prob": lambda p: 1 - p,
+    "speed": lambda d, t: d / t,
+    "square_area": lambda a: a * a,
+    "square_perimeter": lambda a: 4 * a,
+    "square_edge_by_area": lambda a: math.sqrt(a),
+    "rectangle_area": lambda a, b: a * b,
+    "rectangle_perimeter": lambda a, b: 2 * (a + b),
+    "circle_area": lambda r: math.pi * r * r,
+    "circumface": lambda r: 2 * math.pi * r,
+    "volume_cube": lambda a: a**3,
+    "surface_cube": lambda a: 6 * a * a,
+    "cube_edge_by_volume": lambda v: v ** (1 / 3),
+    "volume_rectangular_prism": lambda a, b, c: a * b * c,
+    "surface_sphere": lambda r: 4 * math.pi * r * r,
     "volume_sphere": lambda r: 4 / 3 * math.pi * r**3,
 }
 
@@ -228,7 +254,9 @@ def parse_row(row: dict, where: str, split: str, index: int) -> Example:
         "linear_formula": row.get("linear_formula"),
     }
     question = render_options(" ".join(problem.split()), options) if options else f"{problem}\nOptions: {options_text}"
-    return Example(id=f"mathqa-{split}-{index}", question=question, answer=correct, rationales=rationales, columns=columns)
+    return Example(
+        id=f"mathqa-{split}-{index}", question=question, answer=correct, rationales=rationales, columns=columns
+    )
 
 
 def build(cfg: TaskConfig, lenient: bool) -> Task:
@@ -237,8 +265,12 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
     skipped: dict[str, int] = {}
 
     def load(split: str) -> list[Example]:
-        rows, where, name = open_split(cfg.path or HUB_ID, split, SPLIT_FILES, fmt="json" if cfg.path else None, hub_splits=HUB_SPLITS)
+        rows, where, name = open_split(
+            cfg.path or HUB_ID, split, SPLIT_FILES, fmt="json" if cfg.path else None, hub_splits=HUB_SPLITS
+        )
         examples, skipped[split] = collect(rows, lambda r, w, i: parse_row(r, w, name, i), cfg.skip_invalid, where)
         return examples
 
-    return Task("mathqa", load, make_verify("choice", lenient), CHOICE_FORMAT, styles=("prose", "equations"), skipped=skipped)
+    return Task(
+        "mathqa", load, make_verify("choice", lenient), CHOICE_FORMAT, styles=("prose", "equations"), skipped=skipped
+    )

@@ -8,14 +8,17 @@ from meml.core.registry import Registry
 from meml.tasks import arithmetic, generic, gsm8k, gym, mathqa, strategyqa
 from meml.tasks.base import Task, TaskBuilder
 
-TASKS: Registry[TaskBuilder] = Registry("task.name", {
-    "arithmetic": arithmetic.build,  # built in: procedural word problems
-    "gsm8k": gsm8k.build,
-    "mathqa": mathqa.build,
-    "strategyqa": strategyqa.build,
-    "generic": generic.build,  # users' own JSONL / CSV / parquet / datasets
-    "gym": gym.build,  # reasoning-gym
-})
+TASKS: Registry[TaskBuilder] = Registry(
+    "task.name",
+    {
+        "arithmetic": arithmetic.build,  # built in: procedural word problems
+        "gsm8k": gsm8k.build,
+        "mathqa": mathqa.build,
+        "strategyqa": strategyqa.build,
+        "generic": generic.build,  # users' own JSONL / CSV / parquet / datasets
+        "gym": gym.build,  # reasoning-gym
+    },
+)
 register_task = TASKS.register
 
 

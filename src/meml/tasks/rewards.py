@@ -108,7 +108,10 @@ class _Call:
 
 def _checked(values, n: int) -> list[float | None]:
     if not isinstance(values, (list, tuple)) or len(values) != n:
-        raise ValueError(f"returned {type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}, expected a list of {n}")
+        raise ValueError(
+            f"returned {type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}, "
+            f"expected a list of {n}"
+        )
     out = []
     for v in values:
         if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):  # numpy scalars too
@@ -124,22 +127,42 @@ def _still_running(name: str) -> int:
 
 
 def call_reward_function(
-    fn: RewardFn, name: str, prompts: list[str], completions: list[str], columns: dict, timeout_s: float, ids: Sequence[str], stats: RewardStats
+    fn: RewardFn,
+    name: str,
+    prompts: list[str],
+    completions: list[str],
+    columns: dict,
+    timeout_s: float,
+    ids: Sequence[str],
+    stats: RewardStats,
 ) -> list[float | None]:
     """One function over a batch; failing completions get None, the others their value."""
     n = len(completions)
     if _still_running(name) > MAX_ABANDONED:
-        log.warning("reward function %s: %d timed-out calls are still running; not called this step, its %d completions get None",
-                    name, _still_running(name), n)
+        log.warning(
+            "reward function %s: %d timed-out calls are still running; not called this step, its %d completions get "
+            "None",
+            name,
+            _still_running(name),
+            n,
+        )
         stats.failures += n
         stats.failed_ids.extend(ids)
         return [None] * n
     try:
         return _checked(_Call(fn, prompts, completions, **columns).result(time.monotonic() + timeout_s, name), n)
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
-        log.info("reward function %s failed on a batch of %d (%s); retrying one completion at a time", name, n, _describe(exc, timeout_s))
+        log.info(
+            "reward function %s failed on a batch of %d (%s); retrying one completion at a time",
+            name,
+            n,
+            _describe(exc, timeout_s),
+        )
     deadline = time.monotonic() + timeout_s
-    calls = [_Call(fn, prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()}) for i in range(n)]
+    calls = [
+        _Call(fn, prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
+        for i in range(n)
+    ]
     values: list[float | None] = []
     failed: dict[str, list[str]] = {}  # reason -> example ids
     for i, call in enumerate(calls):
@@ -151,7 +174,14 @@ def call_reward_function(
             values.append(None)
     stats.failures += sum(map(len, failed.values()))
     for reason, where in failed.items():
-        log.warning("reward function %s gave None on %d of %d completions (%s); examples: %s", name, len(where), n, reason, ", ".join(where))
+        log.warning(
+            "reward function %s gave None on %d of %d completions (%s); examples: %s",
+            name,
+            len(where),
+            n,
+            reason,
+            ", ".join(where),
+        )
     return values
 
 

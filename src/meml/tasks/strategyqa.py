@@ -70,7 +70,12 @@ def parse_row(row: dict, where: str, index: int) -> Example:
         question=question,
         answer=answer,
         rationales=rationales(facts, decomposition, answer),
-        columns={"term": row.get("term"), "description": row.get("description"), "facts": facts, "decomposition": decomposition},
+        columns={
+            "term": row.get("term"),
+            "description": row.get("description"),
+            "facts": facts,
+            "decomposition": decomposition,
+        },
     )
 
 
@@ -80,8 +85,12 @@ def build(cfg: TaskConfig, lenient: bool) -> Task:
     skipped: dict[str, int] = {}
 
     def load(split: str) -> list[Example]:
-        rows, where, _ = open_split(cfg.path or HUB_ID, split, SPLIT_FILES, fmt="json" if cfg.path else None, hub_splits=HUB_SPLITS)
+        rows, where, _ = open_split(
+            cfg.path or HUB_ID, split, SPLIT_FILES, fmt="json" if cfg.path else None, hub_splits=HUB_SPLITS
+        )
         examples, skipped[split] = collect(rows, parse_row, cfg.skip_invalid, where)
         return examples
 
-    return Task("strategyqa", load, make_verify("yes_no", lenient), YES_NO_FORMAT, styles=("prose", "steps"), skipped=skipped)
+    return Task(
+        "strategyqa", load, make_verify("yes_no", lenient), YES_NO_FORMAT, styles=("prose", "steps"), skipped=skipped
+    )

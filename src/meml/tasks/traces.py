@@ -1,9 +1,10 @@
 """Stage-1 (MEF) traces: one worked solution per (question, expert).
 
 An expert's `trace_source` is a rationale style the task provides ("prose",
-"equations", ...), "none" (no stage-1 traces for this expert), or "file:PATH", a JSONL file of rows {"question_id", "expert",
-"response"} (as written by `meml distill`). Every trace from a file is verified against
-the gold answer; unverified ones are dropped and counted, never trained on.
+"equations", ...), "none" (no stage-1 traces for this expert), or "file:PATH", a JSONL
+file of rows {"question_id", "expert", "response"} (as written by `meml distill`). Every
+trace from a file is verified against the gold answer; unverified ones are dropped and
+counted, never trained on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def read_trace_file(path: Path) -> list[dict]:
     return rows
 
 
-def load_expert_traces(task: Task, experts: list[Expert], examples: list[Example]) -> tuple[dict[tuple[str, int], str], dict]:
+def load_expert_traces(
+    task: Task, experts: list[Expert], examples: list[Example]
+) -> tuple[dict[tuple[str, int], str], dict]:
     """(question id, expert index) -> trace text, and a report of what was kept and dropped."""
     traces: dict[tuple[str, int], str] = {}
     report: dict[str, dict] = {}
@@ -74,5 +77,10 @@ def load_expert_traces(task: Task, experts: list[Expert], examples: list[Example
                 if text:
                     traces[(example.id, i)] = text
                     kept += 1
-        report[expert.name] = {"source": source, "kept": kept, "dropped_unverified": dropped, "unknown_question": unknown}
+        report[expert.name] = {
+            "source": source,
+            "kept": kept,
+            "dropped_unverified": dropped,
+            "unknown_question": unknown,
+        }
     return traces, report

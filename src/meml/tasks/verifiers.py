@@ -26,20 +26,9 @@ or be fractions ("3/4", "\\frac{3}{4}"); they compare exactly as fractions, so "
 "1/2" == "\\frac{1}{2}". "50%" reads as 50 (the percent sign is dropped, not divided).
 A digit inside a word ("x2", "v3") is not a number.
 
-Expressions (math-verify, where the plain-number reading does not fit): when the gold
-answer is LaTeX that parse_number cannot read ("\\frac{\\sqrt{3}}{2}", "2^{10}"), or the
-marked span holds LaTeX markup ("\\", "^", "{"), the span and the gold are compared by
-math-verify: read by its LaTeX parser (never evaluated as Python), then symbolically or
-numerically to 6 decimals. The marker and truncation rules above still decide whether
-there is an answer at all.
+Expressions (math-verify, where the plain-number reading does not fit): tasks/expressions.py.
 
-Options (verify_choice): in the span, the first option letter written as "(b)", "[b]",
-"b)", "b.", "b:", "option b" / "choice b", or the span being the bare letter ("b", "B.",
-"b, because"). A letter inside a word never counts ("because", "e.g."). Without a
-letter, the option text itself: the span equal to one option's text ("4 π"), else the
-span's number equal to exactly one option's number ("12 rupees" names "rs . 12"), else
-the longest option text the span starts with. Options written alike are ambiguous and
-score 0.
+Options (verify_choice): tasks/choices.py.
 
 Yes/no (verify_yes_no): the first "yes", "no", "true" or "false" in the span as a whole
 word; "not true" reads as no and "not false" as yes; "yes or no" is ambiguous (score 0).
@@ -47,11 +36,11 @@ word; "not true" reads as no and "not false" as yes; "yes or no" is ambiguous (s
 
 from __future__ import annotations
 
-import logging
 import re
 from fractions import Fraction
 
 from meml.core.types import Verdict
+from meml.tasks.expressions import LATEX_MARKUP_RE, latex_equivalent, latex_parses
 
 ANSWER_MARKER_RE = re.compile(
     r"(?:\bfinal\s+answer|\banswer)\s*(?:(?:is|was|would\s+be|will\s+be|should\s+be)\b|:|=)|\bfinal\s+answer\b|####",
@@ -200,7 +189,7 @@ def verify_numeric(completion: str, gold: str, finished: bool = True, lenient: b
     if not finished:
         return _no_answer("truncated")
     span, _ = answer_span(completion)
-    if span is not None and (gold_value is None or _LATEX_MARKUP_RE.search(span)):
+    if span is not None and (gold_value is None or LATEX_MARKUP_RE.search(span)):
         # an expression, not a plain number, on either side: math-verify compares them
         expression = span.rstrip(". ")
         same = latex_equivalent(gold, expression)
@@ -214,162 +203,6 @@ def verify_numeric(completion: str, gold: str, finished: bool = True, lenient: b
     return _judge(extracted, parse_number(extracted) == gold_value, how)
 
 
-# ----------------------------------------------------------------------------- expressions
-
-_LATEX_MARKUP_RE = re.compile(r"\\[a-zA-Z]|\^|\{")
-MAX_EXPRESSION_CHARS = 120  # longer spans are not handed to the symbolic comparison
-
-
-def _latex(text: str) -> list:
-    """math-verify's reading of `text` as LaTeX ([] when it does not parse). Its LaTeX parser
-    builds sympy expressions without evaluating text as Python; its other reader, which goes
-    through sympy's parse_expr (eval), is never used on model output."""
-    if len(text) > MAX_EXPRESSION_CHARS:
-        return []
-    try:
-        from math_verify import LatexExtractionConfig, parse
-    except ImportError:  # math-verify is a dependency; without it expressions are left out
-        return []
-    # our callers bound the input size instead of its signal-based timeouts, which only work
-    # on the main thread; the notice that they are off is not news to the user
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    try:
-        return parse(f"${text}$", extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback", parsing_timeout=None)
-    except Exception:  # noqa: BLE001 - a verifier never raises on model text
-        return []
-
-
-def latex_parses(gold: str) -> bool:
-    """A gold answer written in LaTeX that math-verify reads as a number or a closed
-    expression ("\\frac{\\sqrt{3}}{2}", "2^{10}"); not words (they would read as symbols)."""
-    if not _LATEX_MARKUP_RE.search(gold):
-        return False  # plain text that parse_number cannot read ("7 apples") stays unparseable
-    parsed = _latex(gold)
-    return bool(parsed) and not getattr(parsed[0], "free_symbols", {None})
-
-
-def latex_equivalent(gold: str, answer: str) -> bool | None:
-    r"""Whether two LaTeX answers are the same value or expression (math-verify: symbolic,
-    then numeric to 6 decimals); None when either side does not parse.
-
-    >>> latex_equivalent("2^{10}", "1024"), latex_equivalent(r"\frac{\sqrt{3}}{2}", r"\frac{1}{2}")
-    (True, False)
-    """
-    g, a = _latex(gold), _latex(answer)
-    if not g or not a:
-        return None
-    try:
-        from math_verify import verify
-
-        return bool(verify(g, a, timeout_seconds=None))
-    except Exception:  # noqa: BLE001
-        return None
-
-
-# ----------------------------------------------------------------------------- options
-
-
-def _letter_patterns(letters: str, written_only: bool = False) -> list[re.Pattern]:
-    """How an option letter is written. `written_only`: the forms that cannot be an
-    English word ("a" is an article), for the lenient search through a whole completion."""
-    k = f"[{letters}]"
-    forms = [
-        rf"\(\s*({k})\s*\)|\[\s*({k})\s*\]",  # (b) [b]
-        rf"(?<![\w'])({k})\s*\)",  # b)
-        rf"\b(?:option|choice)\s*\(?\s*({k})\b",  # option b, choice (b
-    ]
-    if not written_only:
-        forms += [
-            rf"(?<![\w'])({k})\s*[.:](?![A-Za-z0-9])",  # b. b: (not "e.g.")
-            rf"^\s*({k})\s*(?:$|,|;|\s+(?:because|since|as)\b)",  # the span is the letter
-            rf"(?:^|\s)({k})\s*$",  # the span ends with the letter
-        ]
-    return [re.compile(f, re.IGNORECASE) for f in forms]
-
-
-def find_letter(text: str, letters: str, last: bool = False, written_only: bool = False) -> str | None:
-    """The first (or last) option letter written in one of the accepted forms."""
-    hits = [
-        (m.start(), next(g for g in m.groups() if g))
-        for pattern in _letter_patterns(letters, written_only)
-        for m in pattern.finditer(text)
-    ]
-    if not hits:
-        return None
-    return (max(hits) if last else min(hits))[1].lower()
-
-
-def _squash(text: str) -> str:
-    return re.sub(r"[\s'\"]+", "", normalize(text).lower()).rstrip(".")
-
-
-def option_value(text: str) -> Fraction | None:
-    """An option's number: the whole text, or one number with only a unit or currency
-    word around it ("1.25 kg", "rs . 9000", "10 %"); None for "4 π", "2 : 3", "2 a + 5"."""
-    value = parse_number(text)
-    if value is not None:
-        return value
-    numbers = _NUMBER_RE.findall(normalize(text))
-    if len(numbers) != 1:
-        return None
-    rest = normalize(text).replace(numbers[0], " ", 1)
-    return parse_number(numbers[0]) if re.fullmatch(r"[A-Za-z.%\s]*", rest) else None
-
-
-def option_from_text(span: str, options: dict[str, str]) -> tuple[str | None, str]:
-    """The option a span names by its text or value: (letter or None, reason)."""
-    squashed = _squash(span)
-    equal = [k for k, text in options.items() if _squash(text) == squashed]
-    if len(equal) == 1:
-        return equal[0], "option_text"
-    number = _number_in(normalize(span))
-    value = parse_number(number) if number else None
-    if value is not None:
-        same = [k for k, text in options.items() if option_value(text) == value]
-        if len(same) == 1:
-            return same[0], "option_value"
-        if len(same) > 1:
-            return None, "ambiguous_option_text"
-    starts = [(len(_squash(t)), k) for k, t in options.items() if _squash(t) and squashed.startswith(_squash(t))]
-    if not starts:
-        return None, "no_option"
-    best = max(n for n, _ in starts)
-    winners = [k for n, k in starts if n == best]
-    return (winners[0], "option_text") if len(winners) == 1 else (None, "ambiguous_option_text")
-
-
-def verify_choice(completion: str, gold: str, options: dict[str, str], finished: bool = True, lenient: bool = False) -> Verdict:
-    """Score 1 when the marked answer names the gold option, by letter or by its text.
-
-    >>> opts = {"a": "12", "b": "15", "c": "none of these"}
-    >>> verify_choice("15 fits. The answer is (b).", "b", opts).score
-    1.0
-    >>> verify_choice("The answer is 15", "b", opts).extracted
-    'b'
-    >>> verify_choice("The answer is because of (a)", "b", opts).score
-    0.0
-    """
-    letters = "".join(sorted(k for k in options if len(k) == 1 and k.isalpha()))
-    gold_letter = str(gold).strip().strip("().").lower()
-    if gold_letter not in options or not letters:
-        return Verdict(None, None, {"reason": "gold_unparseable", "gold": gold})
-    if not finished:
-        return _no_answer("truncated")
-    span, how = answer_span(completion)
-    letter = None
-    if span is not None:
-        letter = find_letter(span, letters)
-        if letter is None:
-            letter, reason = option_from_text(span, options)
-            how = reason if letter is None else f"{how}_{reason}"
-    if letter is None and lenient:
-        letter = find_letter(strip_bold(completion), letters, last=True, written_only=True)
-        how = "last_option" if letter else how
-    if letter is None:
-        return _no_answer(how)
-    return _judge(letter, letter == gold_letter, how)
-
-
 # ----------------------------------------------------------------------------- yes / no
 
 _YES_NO_RE = re.compile(r"\b(not\s+)?(yes|no|true|false)\b", re.IGNORECASE)
@@ -377,7 +210,7 @@ _BOTH_RE = re.compile(r"\b(?:yes\s*(?:or|/)\s*no|no\s*(?:or|/)\s*yes|true\s*(?:o
 
 
 def parse_yes_no(value) -> str | None:
-    """"yes" / "no" from a bool or a yes/no/true/false word; None otherwise.
+    """ "yes" / "no" from a bool or a yes/no/true/false word; None otherwise.
 
     >>> parse_yes_no(True), parse_yes_no(" No."), parse_yes_no("maybe")
     ('yes', 'no', None)

@@ -101,7 +101,17 @@ def _free_space(path: Path) -> str:
     return "free space unknown"
 
 
-def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, state: dict, config_yaml: str, keep_last: int, model_state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    stage: str,
+    step: int,
+    model,
+    tokenizer,
+    state: dict,
+    config_yaml: str,
+    keep_last: int,
+    model_state: dict | None = None,
+) -> Path:
     """Write a checkpoint atomically and prune older ones; returns its path.
 
     On any failure (full disk, unwritable directory) the temporary directory is removed,
@@ -117,7 +127,9 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model, tokenizer, stat
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)  # model_state: gathered weights under FSDP/ZeRO-3
+        model.save_pretrained(
+            tmp / "model", safe_serialization=True, state_dict=model_state
+        )  # model_state: gathered weights under FSDP/ZeRO-3
         tokenizer.save_pretrained(tmp / "model")
         save_trainer_state(state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_yaml)
@@ -163,7 +175,9 @@ def validate_checkpoint(path: Path, deep: bool = True) -> str | None:
         return f"unreadable manifest ({type(exc).__name__}: {exc})"
     if NAME.match(path.name) and path.name != checkpoint_name(stage, step):
         return f"manifest says {checkpoint_name(stage, step)}, the directory is {path.name}"
-    missing = [f for f in REQUIRED if f not in files] + ([] if any(f.startswith("model/") for f in files) else ["model/"])
+    missing = [f for f in REQUIRED if f not in files] + (
+        [] if any(f.startswith("model/") for f in files) else ["model/"]
+    )
     if missing:
         return f"manifest lists no {', '.join(missing)}"
     for rel, meta in files.items():
@@ -248,8 +262,14 @@ def warn_if_low_space(run_dir: Path, checkpoint_bytes: int, keep_last: int) -> N
     needed = checkpoint_bytes * (keep_last + 1)
     free = shutil.disk_usage(run_dir).free
     if free < needed:
-        log.warning("only %.1f MiB free under %s; %d checkpoints of about %.1f MiB need %.1f MiB",
-                    free / 2**20, run_dir, keep_last + 1, checkpoint_bytes / 2**20, needed / 2**20)
+        log.warning(
+            "only %.1f MiB free under %s; %d checkpoints of about %.1f MiB need %.1f MiB",
+            free / 2**20,
+            run_dir,
+            keep_last + 1,
+            checkpoint_bytes / 2**20,
+            needed / 2**20,
+        )
 
 
 def config_changes(path: Path, config: dict) -> list[str]:

@@ -75,7 +75,9 @@ def run_step(s: Session, stage: str, step: int, step_fn, guard: StepGuard, optim
         raise step_failed(s, stage, step, exc, guard, optimizer, scheduler, reference) from exc
 
 
-def step_failed(s: Session, stage: str, step: int, exc: Exception, guard: StepGuard, optimizer, scheduler, reference) -> StepFailed:
+def step_failed(
+    s: Session, stage: str, step: int, exc: Exception, guard: StepGuard, optimizer, scheduler, reference
+) -> StepFailed:
     """Log the traceback, save the previous step's state if it is intact, and say how to go on."""
     log.error("%s step %d failed:", stage, step, exc_info=exc)
     previous, saved = step - 1, None
@@ -87,23 +89,41 @@ def step_failed(s: Session, stage: str, step: int, exc: Exception, guard: StepGu
     elif s.accelerator.num_processes > 1:
         note = f"No checkpoint was saved: with {s.accelerator.num_processes} processes a save needs all of them"
     elif guard.updated is not False:
-        note = (f"No checkpoint was saved: the failure came {'in or after the optimizer update' if guard.updated else 'at a point where it cannot be told whether the weights had changed'} "
-                f"of step {step}, so the state at the end of step {previous} is no longer whole")
+        when = (
+            "in or after the optimizer update"
+            if guard.updated
+            else "at a point where it cannot be told whether the weights had changed"
+        )
+        note = (
+            f"No checkpoint was saved: the failure came {when} of step {step}, "
+            f"so the state at the end of step {previous} is no longer whole"
+        )
     else:
         guard.rewind(s)  # weights, optimizer and scheduler are untouched: only these had moved
         try:
             save(s, stage, previous, optimizer, scheduler, reference)
-            saved, note = path, f"Saved the state at the end of {stage} step {previous} (before the failed step) in {path}"
+            saved, note = (
+                path,
+                f"Saved the state at the end of {stage} step {previous} (before the failed step) in {path}",
+            )
         except Exception as save_exc:  # noqa: BLE001 - the original failure is what matters
             log.error("could not save a checkpoint after the failure: %s", save_exc)
             note = f"A checkpoint of {stage} step {previous} could not be written ({save_exc})"
     existing = ckpt.list_checkpoints(s.run_dir)
     if saved is not None or existing:
-        how = (f"Fix the cause, then continue from {(saved or existing[-1]).name} with: meml train --resume output_dir={s.run_dir} "
-               "(and the same settings)")
+        how = (
+            f"Fix the cause, then continue from {(saved or existing[-1]).name} with: meml train --resume "
+            f"output_dir={s.run_dir} "
+            "(and the same settings)"
+        )
     else:
-        how = f"There is no checkpoint: fix the cause, then start again (meml train --resume output_dir={s.run_dir} starts afresh)"
-    return StepFailed(f"{stage} step {step} failed{_where(exc)}: {type(exc).__name__}: {exc}. {note}. {how}", stage, step, saved)
+        how = (
+            "There is no checkpoint: fix the cause, then start again "
+            f"(meml train --resume output_dir={s.run_dir} starts afresh)"
+        )
+    return StepFailed(
+        f"{stage} step {step} failed{_where(exc)}: {type(exc).__name__}: {exc}. {note}. {how}", stage, step, saved
+    )
 
 
 def _where(exc: BaseException) -> str:
@@ -114,7 +134,9 @@ def _where(exc: BaseException) -> str:
     ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(package)]
     parts = []
     if ours:
-        parts.append(f" at {Path(ours[-1].filename).resolve().relative_to(package)}:{ours[-1].lineno} in {ours[-1].name}")
+        parts.append(
+            f" at {Path(ours[-1].filename).resolve().relative_to(package)}:{ours[-1].lineno} in {ours[-1].name}"
+        )
     if frames and (not ours or frames[-1] is not ours[-1]):
         last = frames[-1]
         parts.append(f" ({'innermost: ' if ours else 'at '}{last.filename}:{last.lineno} in {last.name})")

@@ -32,7 +32,11 @@ def micro_batches(items: list[TrainItem], token_budget: int) -> list[list[int]]:
 
     Longest prompts first, and the rows of one prompt next to each other (longest response
     first), so that a group's rows share micro-batches and their prompt is run once."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt_ids), items[i].prompt_ids, len(items[i].response_ids)), reverse=True)
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (len(items[i].prompt_ids), items[i].prompt_ids, len(items[i].response_ids)),
+        reverse=True,
+    )
     batches: list[list[int]] = []
     current: list[int] = []
     max_p = max_r = 0
@@ -83,15 +87,32 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, d
             distinct[tuple(p)] = len(first_rows)
             first_rows.append(b)
     prompt_rows = torch.tensor([distinct[tuple(p)] for p in prompts])
-    return Collated(input_ids.to(device), attention.to(device), position_ids.to(device), targets.to(device), mask.to(device), R,
-                    prompt_rows.to(device), torch.tensor(first_rows).to(device))
+    return Collated(
+        input_ids.to(device),
+        attention.to(device),
+        position_ids.to(device),
+        targets.to(device),
+        mask.to(device),
+        R,
+        prompt_rows.to(device),
+        torch.tensor(first_rows).to(device),
+    )
 
 
 def response_logits(model: torch.nn.Module, batch: Collated) -> torch.Tensor:
     """Logits predicting each response token: (B, R, V)."""
-    if batch.distinct_rows is not None and len(batch.distinct_rows) < len(batch.input_ids) and (cache_arg := _cache_argument(model)):
+    if (
+        batch.distinct_rows is not None
+        and len(batch.distinct_rows) < len(batch.input_ids)
+        and (cache_arg := _cache_argument(model))
+    ):
         return shared_prompt_logits(model, batch, cache_arg)
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+    kwargs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
     R = batch.response_width
     if _accepts_logits_to_keep(model):
         logits = model(**kwargs, logits_to_keep=R + 1).logits  # (B, R + 1, V)
@@ -112,15 +133,26 @@ def shared_prompt_logits(model: torch.nn.Module, batch: Collated, cache_arg: str
     P = batch.input_ids.shape[1] - R
     rows = batch.distinct_rows  # (U,)
     last = torch.tensor([P - 1], device=rows.device)  # an index, not a slice: the head gets a contiguous input
-    out = model(input_ids=batch.input_ids[rows, :P], attention_mask=batch.attention_mask[rows, :P], position_ids=batch.position_ids[rows, :P],
-                use_cache=True, logits_to_keep=last)  # (U, 1, V)
+    out = model(
+        input_ids=batch.input_ids[rows, :P],
+        attention_mask=batch.attention_mask[rows, :P],
+        position_ids=batch.position_ids[rows, :P],
+        use_cache=True,
+        logits_to_keep=last,
+    )  # (U, 1, V)
     first = out.logits[batch.prompt_rows]  # (B, 1, V): predicts response token 0
     if R == 1:
         return first
     cache = out[cache_arg]
     cache.batch_select_indices(batch.prompt_rows)  # (U, ...) -> (B, ...), a differentiable gather
-    rest = model(input_ids=batch.input_ids[:, P : P + R - 1], attention_mask=batch.attention_mask[:, : P + R - 1],
-                 position_ids=batch.position_ids[:, P : P + R - 1], **{cache_arg: cache}, use_cache=True, logits_to_keep=0).logits  # (B, R-1, V)
+    rest = model(
+        input_ids=batch.input_ids[:, P : P + R - 1],
+        attention_mask=batch.attention_mask[:, : P + R - 1],
+        position_ids=batch.position_ids[:, P : P + R - 1],
+        **{cache_arg: cache},
+        use_cache=True,
+        logits_to_keep=0,
+    ).logits  # (B, R-1, V)
     return torch.cat([first, rest], dim=1)
 
 
@@ -143,7 +175,9 @@ def _cache_argument(model: torch.nn.Module) -> str | None:
 
         params = inspect.signature(inner.forward).parameters
         name = next((n for n in ("cache", "past_key_values") if n in params), None)
-        _CACHE_ARG[key] = name if name and "logits_to_keep" in params and hasattr(DynamicCache, "batch_select_indices") else None
+        _CACHE_ARG[key] = (
+            name if name and "logits_to_keep" in params and hasattr(DynamicCache, "batch_select_indices") else None
+        )
     return _CACHE_ARG[key]
 
 

@@ -43,7 +43,15 @@ def _clean(value):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, backends: list[str], config: dict, enabled: bool = True, wandb_project: str = "meml", wandb_mode: str = "offline"):
+    def __init__(
+        self,
+        run_dir: Path,
+        backends: list[str],
+        config: dict,
+        enabled: bool = True,
+        wandb_project: str = "meml",
+        wandb_mode: str = "offline",
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
@@ -62,7 +70,9 @@ class MetricsLogger:
                 import wandb
             except ImportError as exc:
                 raise RuntimeError("log.backends has wandb but it is not installed: pip install 'meml[wandb]'") from exc
-            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, mode=wandb_mode, name=run_dir.name)
+            self._wandb = wandb.init(
+                project=wandb_project, dir=str(run_dir), config=config, mode=wandb_mode, name=run_dir.name
+            )
             for axis in ("sft", "rl", "eval", "samples"):
                 self._wandb.define_metric(f"{axis}/step")
                 self._wandb.define_metric(f"{axis}/*", step_metric=f"{axis}/step")

@@ -98,8 +98,12 @@ def train(cfg: Config, preset: str | None = None, overwrite: bool = False) -> di
             (s.run_dir / "results.json").write_text(json.dumps(results, indent=1))
     except StopRequested as stop:
         results["stopped"] = {"stage": stop.stage, "step": stop.step, "signal": signals.signum}
-        log.warning("stopped after %s step %d; continue with: meml train --resume output_dir=%s (and the same settings)",
-                    stop.stage, stop.step, s.run_dir)
+        log.warning(
+            "stopped after %s step %d; continue with: meml train --resume output_dir=%s (and the same settings)",
+            stop.stage,
+            stop.step,
+            s.run_dir,
+        )
     finally:
         signals.restore()
         s.logger.close()
@@ -135,12 +139,21 @@ def run_mef(s: Session, start_step: int = 0, state: dict | None = None) -> None:
         t0 = time.perf_counter()
         batch = mef.batch_keys(keys, step - 1, cfg.sft.sequences_per_step, cfg.seed)
         local = batch[s.accelerator.process_index :: s.accelerator.num_processes]
-        pairs = [(s.prompt(s.examples_by_id[qid], e), response_ids(s.tokenizer, s.traces[(qid, e)])) for qid, e in local]
+        pairs = [
+            (s.prompt(s.examples_by_id[qid], e), response_ids(s.tokenizer, s.traces[(qid, e)])) for qid, e in local
+        ]
         global_tokens = int(global_sum(s, [sum(len(r) for _, r in pairs)])[0])
         stats = optimizer_step(learner, objective.sft_items(pairs, global_tokens), LossSettings())
         dt = time.perf_counter() - t0
-        return {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": stats["lr"], "skipped_updates": stats["skipped"],
-                "tokens": global_tokens, "tokens_per_s": global_tokens / dt, "step_time_s": dt}
+        return {
+            "loss": stats["loss"],
+            "grad_norm": stats["grad_norm"],
+            "lr": stats["lr"],
+            "skipped_updates": stats["skipped"],
+            "tokens": global_tokens,
+            "tokens_per_s": global_tokens / dt,
+            "step_time_s": dt,
+        }
 
     run_stage(s, "sft", start_step, total, step_fn, learner)
     # The engine's own (bf16) copy of the weights is not updated by stage-1 steps: refresh it
@@ -153,7 +166,9 @@ def run_rl(s: Session, start_step: int = 0, state: dict | None = None) -> None:
     cfg = s.cfg
     world = s.accelerator.num_processes
     if cfg.train.questions_per_step % world:
-        raise ValueError(f"train.questions_per_step={cfg.train.questions_per_step} must be divisible by the {world} processes")
+        raise ValueError(
+            f"train.questions_per_step={cfg.train.questions_per_step} must be divisible by the {world} processes"
+        )
     learner = make_learner(s, cfg.optim.lr, cfg.train.steps)
     if state:
         restore(s, state, learner.optimizer, learner.scheduler)
@@ -162,23 +177,41 @@ def run_rl(s: Session, start_step: int = 0, state: dict | None = None) -> None:
     reference = frozen_copy(s.unwrapped) if cfg.algo.kl_coef > 0 else None
     if reference is not None and state:
         if "reference" not in state:
-            log.warning("the checkpoint holds no KL reference (saved with algo.kl_coef=0); the resumed weights become it")
+            log.warning(
+                "the checkpoint holds no KL reference (saved with algo.kl_coef=0); the resumed weights become it"
+            )
         else:
             ref_params = dict(reference.named_parameters())
             with torch.no_grad():
                 for name, value in state["reference"].items():
                     ref_params[name].copy_(value)
     if s.is_main:
-        log.info("stage 2 (RL): %d steps x %d questions x %d experts x %d answers", cfg.train.steps,
-                 cfg.train.questions_per_step, len(s.experts), cfg.rollout.num_generations_per_expert)
-    run_stage(s, "rl", start_step, cfg.train.steps, lambda step: rl_step(s, step, learner, reference), learner, reference)
+        log.info(
+            "stage 2 (RL): %d steps x %d questions x %d experts x %d answers",
+            cfg.train.steps,
+            cfg.train.questions_per_step,
+            len(s.experts),
+            cfg.rollout.num_generations_per_expert,
+        )
+    run_stage(
+        s, "rl", start_step, cfg.train.steps, lambda step: rl_step(s, step, learner, reference), learner, reference
+    )
 
 
 def make_learner(s: Session, lr: float, total_steps: int) -> Learner:
     """A fresh optimizer and schedule for one stage, with what its updates need."""
     optimizer, scheduler = make_optimizer(s.policy.parameters(), lr, s.cfg, total_steps, s.accelerator)
-    return Learner(s.policy, optimizer, scheduler, s.accelerator, s.tokenizer.pad_token_id, s.cfg.train.micro_batch_tokens,
-                   s.cfg.optim.grad_clip, s.counters, s.cfg.train.max_bad_steps)
+    return Learner(
+        s.policy,
+        optimizer,
+        scheduler,
+        s.accelerator,
+        s.tokenizer.pad_token_id,
+        s.cfg.train.micro_batch_tokens,
+        s.cfg.optim.grad_clip,
+        s.counters,
+        s.cfg.train.max_bad_steps,
+    )
 
 
 def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, learner: Learner, reference=None) -> None:
@@ -187,11 +220,21 @@ def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, lear
     s.logger.truncate_after(stage, start_step)
     if s.is_main:
         _truncate_samples(s.run_dir / "samples.jsonl", start_step if stage == "rl" else 0)
-    bar = tqdm(range(start_step + 1, total + 1), desc=f"{stage}", disable=not (cfg.log.progress and s.is_main), initial=start_step, total=total)
+    bar = tqdm(
+        range(start_step + 1, total + 1),
+        desc=f"{stage}",
+        disable=not (cfg.log.progress and s.is_main),
+        initial=start_step,
+        total=total,
+    )
     optimizer, scheduler = learner.optimizer, learner.scheduler
     guard = StepGuard(optimizer)
     for step in bar:
-        record = {"stage": stage, "step": step, **run_step(s, stage, step, step_fn, guard, optimizer, scheduler, reference)}
+        record = {
+            "stage": stage,
+            "step": step,
+            **run_step(s, stage, step, step_fn, guard, optimizer, scheduler, reference),
+        }
         if s.is_main:
             s.logger.log(record)
             bar.set_postfix_str(console_line(record).split(" | ", 1)[-1])
@@ -205,8 +248,10 @@ def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, lear
             save(s, stage, step, optimizer, scheduler, reference)
         if bad:
             raise NonFiniteError(
-                f"{cfg.train.max_bad_steps} updates in a row had a non-finite loss or gradient (stage {stage}, step {step}); "
-                f"stopped. The last good weights are saved in {s.run_dir / 'checkpoints' / ckpt.checkpoint_name(stage, step)}. "
+                f"{cfg.train.max_bad_steps} updates in a row had a non-finite loss or gradient (stage {stage}, step "
+                f"{step}); "
+                "stopped. The last good weights are saved in "
+                f"{s.run_dir / 'checkpoints' / ckpt.checkpoint_name(stage, step)}. "
                 "Lower the learning rate or check the data, then continue with --resume."
             )
         if stop:
@@ -241,7 +286,9 @@ def evaluate(s: Session, tag: str, step: int) -> dict:
     summary: dict = {}
     if s.is_main:
         t0 = time.perf_counter()
-        summary, records = evaluate_examples(s.evaluator(), s.eval_examples, s.cfg.eval, s.cfg.rollout.num_generations_per_expert, s.cfg.seed)
+        summary, records = evaluate_examples(
+            s.evaluator(), s.eval_examples, s.cfg.eval, s.cfg.rollout.num_generations_per_expert, s.cfg.seed
+        )
         summary["eval_time_s"] = time.perf_counter() - t0
         s.logger.log({"stage": "eval", "tag": tag, "step": step, **summary})
         path = s.run_dir / "eval" / f"{tag}.jsonl"

@@ -31,8 +31,12 @@ log = logging.getLogger("meml")
 
 def check_choices(cfg: Config) -> None:
     """Settings that name an implementation: each registry's own list of names decides."""
-    for registry, value in ((TASKS, cfg.task.name), (ENGINES, cfg.rollout.backend), (POLICY_LOSSES, cfg.algo.loss),
-                            (AGGREGATIONS, cfg.algo.aggregation)):
+    for registry, value in (
+        (TASKS, cfg.task.name),
+        (ENGINES, cfg.rollout.backend),
+        (POLICY_LOSSES, cfg.algo.loss),
+        (AGGREGATIONS, cfg.algo.aggregation),
+    ):
         registry.get(value)
 
 
@@ -67,19 +71,29 @@ def check_gold_answers(cfg: Config, task: Task, split: str, examples: list) -> N
     n, k = len(examples), len(unparsed)
     first = next(e for e in examples if e.id == unparsed[0])
     source = f" ({cfg.task.path})" if cfg.task.path else ""
-    head = (f"task '{task.name}'{source}, split '{split}': the verifier cannot read {k} of {n} gold answers "
-            f"({100 * k / n:.1f}%), e.g. example '{first.id}' with answer {first.answer!r}")
+    head = (
+        f"task '{task.name}'{source}, split '{split}': the verifier cannot read {k} of {n} gold answers "
+        f"({100 * k / n:.1f}%), e.g. example '{first.id}' with answer {first.answer!r}"
+    )
     uses_verifier = cfg.reward.use_verifier or cfg.eval.before or cfg.eval.after or cfg.eval.every_steps > 0
     if k == n and uses_verifier:
-        raise DataError(f"{head}: it would abstain on every answer, so no question could give a reward or count "
-                        "in accuracy. Check task.options.answer (the column) and task.options.verifier; "
-                        "`meml data inspect` shows the parse rate")
+        raise DataError(
+            f"{head}: it would abstain on every answer, so no question could give a reward or count "
+            "in accuracy. Check task.options.answer (the column) and task.options.verifier; "
+            "`meml data inspect` shows the parse rate"
+        )
     if k / n > GOLD_UNPARSED_WARN:
         log.warning("%s: those questions give no reward (the verifier abstains); `meml data inspect` lists them", head)
 
 
-def check_prompt_lengths(cfg: Config, task: Task, experts: list[Expert], examples: list[Example],
-                         prompt: Callable[[Example, int], list[int]], context: int | None) -> None:
+def check_prompt_lengths(
+    cfg: Config,
+    task: Task,
+    experts: list[Expert],
+    examples: list[Example],
+    prompt: Callable[[Example, int], list[int]],
+    context: int | None,
+) -> None:
     """Every prompt plus the longest generation must fit the model's context: else an error
     naming the longest example (no example is skipped silently). Only prompts that could
     be too long are tokenized: a prompt has at most the tokens of a rendered short one plus
@@ -95,7 +109,9 @@ def check_prompt_lengths(cfg: Config, task: Task, experts: list[Expert], example
     if not examples:
         return
     if room <= 0:
-        raise ConfigError(f"{field_name}={max_new} leaves no room for a prompt in the model's context of {context} tokens")
+        raise ConfigError(
+            f"{field_name}={max_new} leaves no room for a prompt in the model's context of {context} tokens"
+        )
     too_long: list[tuple[int, str, str]] = []  # (prompt tokens, example id, expert)
     for i, expert in enumerate(experts):
         base = len(prompt(examples[0], i))

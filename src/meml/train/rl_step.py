@@ -55,21 +55,41 @@ class Draw:
 def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     cfg = s.cfg
     t0 = time.perf_counter()
-    draws = question_batch(s.train_examples, cfg.seed, step, cfg.train.questions_per_step,
-                           s.accelerator.process_index, s.accelerator.num_processes)
+    draws = question_batch(
+        s.train_examples,
+        cfg.seed,
+        step,
+        cfg.train.questions_per_step,
+        s.accelerator.process_index,
+        s.accelerator.num_processes,
+    )
     episodes = roll_out(s.engine, s.prompt, draws, len(s.experts), cfg.rollout, cfg.seed, step)
     t_gen = time.perf_counter()
-    reward_stats = score_episodes(episodes, s.examples_by_id, s.task, [e.name for e in s.experts],
-                                  s.task.format_instruction, cfg.reward.use_verifier, s.reward_functions, cfg.reward.timeout_s)
+    reward_stats = score_episodes(
+        episodes,
+        s.examples_by_id,
+        s.task,
+        [e.name for e in s.experts],
+        s.task.format_instruction,
+        cfg.reward.use_verifier,
+        s.reward_functions,
+        cfg.reward.timeout_s,
+    )
     s.counters["reward_failures"] += reward_stats.failures
     rewards = torch.tensor([float("nan") if e.reward is None else e.reward for e in episodes])  # (N,)
     groups = group_index(group_keys(episodes, cfg.algo.advantage_grouping))  # (N,)
     advantages = group_advantages(rewards, groups, cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
     by_slot = episodes_by_slot(episodes)
-    pairs = [p for eps in by_slot.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))] if cfg.algo.iml.enabled else []
+    pairs = (
+        [p for eps in by_slot.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))]
+        if cfg.algo.iml.enabled
+        else []
+    )
     pushed = []
     if cfg.algo.hsft.enabled:
-        pushed = hard_examples(draws, by_slot, s.experts, cfg, step, lambda ex, e, eps: gold_response(s, ex, e, eps), s.prompt)
+        pushed = hard_examples(
+            draws, by_slot, s.experts, cfg, step, lambda ex, e, eps: gold_response(s, ex, e, eps), s.prompt
+        )
         for item in gather_object(pushed) if s.accelerator.num_processes > 1 else pushed:
             s.buffer.push(item)
     flushed = s.buffer.flush()[s.accelerator.process_index :: s.accelerator.num_processes] if s.buffer.ready() else []
@@ -79,11 +99,29 @@ def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     t_end = time.perf_counter()
     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
         log_samples(s, episodes, step)
-    timing = {"step_time_s": t_end - t0, "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_end - t_score}
-    return rl_metrics(episodes, advantages, pairs, pushed, s.buffer, stats, reward_stats, timing, [e.name for e in s.experts], s.accelerator)
+    timing = {
+        "step_time_s": t_end - t0,
+        "time/generate_s": t_gen - t0,
+        "time/score_s": t_score - t_gen,
+        "time/update_s": t_end - t_score,
+    }
+    return rl_metrics(
+        episodes,
+        advantages,
+        pairs,
+        pushed,
+        s.buffer,
+        stats,
+        reward_stats,
+        timing,
+        [e.name for e in s.experts],
+        s.accelerator,
+    )
 
 
-def question_batch(examples: list[Example], seed: int, step: int, per_step: int, rank: int = 0, world: int = 1) -> list[Draw]:
+def question_batch(
+    examples: list[Example], seed: int, step: int, per_step: int, rank: int = 0, world: int = 1
+) -> list[Draw]:
     """This process's share of the 1-based step's questions (a seeded shuffle per epoch)."""
     n = len(examples)
     start = (step - 1) * per_step
@@ -97,8 +135,15 @@ def question_batch(examples: list[Example], seed: int, step: int, per_step: int,
     return chosen[rank::world]
 
 
-def roll_out(engine: Engine, prompt: Callable[[Example, int], list[int]], draws: list[Draw], num_experts: int,
-             cfg: RolloutConfig, seed: int, step: int) -> list[Episode]:
+def roll_out(
+    engine: Engine,
+    prompt: Callable[[Example, int], list[int]],
+    draws: list[Draw],
+    num_experts: int,
+    cfg: RolloutConfig,
+    seed: int,
+    step: int,
+) -> list[Episode]:
     """G answers per (draw, expert); the group id numbers the (slot, expert) pairs."""
     pairs = [(d, e) for d in draws for e in range(num_experts)]
     prompts = [prompt(d.example, e) for d, e in pairs]
@@ -109,7 +154,19 @@ def roll_out(engine: Engine, prompt: Callable[[Example, int], list[int]], draws:
     episodes = []
     for (d, e), prompt_ids, group in zip(pairs, prompts, generations):
         for g in group:
-            episodes.append(Episode(d.example.id, e, d.slot * num_experts + e, d.slot, prompt_ids, g.token_ids, g.text, g.finished, g.logprobs))
+            episodes.append(
+                Episode(
+                    d.example.id,
+                    e,
+                    d.slot * num_experts + e,
+                    d.slot,
+                    prompt_ids,
+                    g.token_ids,
+                    g.text,
+                    g.finished,
+                    g.logprobs,
+                )
+            )
     return episodes
 
 
@@ -120,9 +177,15 @@ def episodes_by_slot(episodes: list[Episode]) -> dict[int, list[Episode]]:
     return out
 
 
-def hard_examples(draws: list[Draw], by_slot: dict[int, list[Episode]], experts: list[Expert], cfg: Config, step: int,
-                  gold: Callable[[Example, int, list[Episode]], list[int] | None],
-                  prompt: Callable[[Example, int], list[int]]) -> list[HardExample]:
+def hard_examples(
+    draws: list[Draw],
+    by_slot: dict[int, list[Episode]],
+    experts: list[Expert],
+    cfg: Config,
+    step: int,
+    gold: Callable[[Example, int, list[Episode]], list[int] | None],
+    prompt: Callable[[Example, int], list[int]],
+) -> list[HardExample]:
     """Gold solutions of the (draw, expert) groups with more than K of G answers wrong, each
     pushed with probability p (algo/hsft.py); the draws come from an RNG keyed by the
     question and expert, so they do not depend on the process count."""
@@ -152,8 +215,17 @@ def gold_response(s: Session, q: Example, expert: int, episodes: list[Episode]) 
     return min(correct, key=lambda e: len(e.completion_ids)).completion_ids if correct else None
 
 
-def update_policy(s: Session, learner: Learner, episodes: list[Episode], advantages: torch.Tensor, pairs: list[IMLPair],
-                  hard: list[HardExample], reference, step: int, num_draws: int) -> dict:
+def update_policy(
+    s: Session,
+    learner: Learner,
+    episodes: list[Episode],
+    advantages: torch.Tensor,
+    pairs: list[IMLPair],
+    hard: list[HardExample],
+    reference,
+    step: int,
+    num_draws: int,
+) -> dict:
     """L = L_PG + lambda1 L_IML + lambda2 L_HSFT; PPO epochs/mini-batches when configured.
 
     IML and HSFT terms join the first optimizer step of the batch only.
@@ -168,8 +240,18 @@ def update_policy(s: Session, learner: Learner, episodes: list[Episode], advanta
     for chunk in chunks:
         lengths = sum(len(episodes[i].completion_ids) for i in chunk)
         n_global, tokens_global = global_sum(s, [len(chunk), float(lengths)])
-        pg.append(objective.policy_items(episodes, advantages, chunk, a.aggregation, cfg.rollout.max_new_tokens,
-                                         int(n_global), tokens_global, drop_zero=a.kl_coef == 0))
+        pg.append(
+            objective.policy_items(
+                episodes,
+                advantages,
+                chunk,
+                a.aggregation,
+                cfg.rollout.max_new_tokens,
+                int(n_global),
+                tokens_global,
+                drop_zero=a.kl_coef == 0,
+            )
+        )
     flat = [it for chunk in pg for it in chunk]
     pad, budget, autocast = s.tokenizer.pad_token_id, cfg.train.micro_batch_tokens, s.accelerator.autocast
     if a.loss == "ppo_clip" and (a.ppo_epochs > 1 or a.mini_batches > 1):
@@ -214,6 +296,12 @@ def log_samples(s: Session, episodes: list[Episode], step: int) -> None:
     picked = episodes[:: max(1, len(episodes) // 4)][:4]
     with (s.run_dir / "samples.jsonl").open("a") as f:
         for e in picked:
-            rec = {"step": step, "question_id": e.question_id, "expert": s.experts[e.expert].name, "reward": e.reward, "completion": e.completion}
+            rec = {
+                "step": step,
+                "question_id": e.question_id,
+                "expert": s.experts[e.expert].name,
+                "reward": e.reward,
+                "completion": e.completion,
+            }
             f.write(json.dumps(rec) + "\n")
             s.logger.log_text(f"samples/{s.experts[e.expert].name}", e.completion, step)

@@ -19,7 +19,16 @@ log = logging.getLogger("meml")
 
 # What a run (`meml train`/`sft`) or an evaluation (`meml eval`) writes into its directory;
 # only these, and checkpoint directories, are ever removed by --overwrite or a restart.
-RUN_FILES = ("config.yaml", "command.txt", "metrics.jsonl", "samples.jsonl", "results.json", "eval", "tensorboard", "wandb")
+RUN_FILES = (
+    "config.yaml",
+    "command.txt",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "results.json",
+    "eval",
+    "tensorboard",
+    "wandb",
+)
 EVAL_FILES = ("records.jsonl", "summary.json", "eval_settings.json")
 
 
@@ -62,7 +71,9 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, overwrite: bool = False) 
     existing = ckpt.list_checkpoints(run_dir)
     if overwrite:
         if cfg.checkpoint.resume != "none":
-            raise ConfigError("--overwrite starts a run afresh; it cannot be combined with --resume (checkpoint.resume)")
+            raise ConfigError(
+                "--overwrite starts a run afresh; it cannot be combined with --resume (checkpoint.resume)"
+            )
         if not cfg.output_dir:
             raise ConfigError("--overwrite needs output_dir=<the run directory to replace>")
         remove_run_files(run_dir, "--overwrite")
@@ -75,7 +86,8 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, overwrite: bool = False) 
             )
         if earlier := earlier_run_files(run_dir):
             raise ConfigError(
-                f"output_dir {run_dir} already holds files of an earlier run ({_names(earlier, run_dir)}); continue that run "
+                f"output_dir {run_dir} already holds files of an earlier run ({_names(earlier, run_dir)}); continue "
+                "that run "
                 "with --resume (checkpoint.resume=auto), replace it with --overwrite, or choose a new output_dir"
             )
         return None
@@ -86,13 +98,19 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, overwrite: bool = False) 
         found = ckpt.find_latest(run_dir)
         if found is None:
             if existing:
-                raise ConfigError(f"checkpoint.resume=auto: no valid checkpoint in {run_dir / 'checkpoints'} (reasons above)")
+                raise ConfigError(
+                    f"checkpoint.resume=auto: no valid checkpoint in {run_dir / 'checkpoints'} (reasons above)"
+                )
             evals = [run_dir / n for n in EVAL_FILES if (run_dir / n).exists()]
             if evals:
-                raise ConfigError(f"output_dir {run_dir} holds the output of `meml eval` ({_names(evals, run_dir)}), not a run to "
-                                  "resume; choose another output_dir, or replace it with --overwrite")
+                raise ConfigError(
+                    f"output_dir {run_dir} holds the output of `meml eval` ({_names(evals, run_dir)}), not a run to "
+                    "resume; choose another output_dir, or replace it with --overwrite"
+                )
             if earlier_run_files(run_dir):  # a start killed before its first checkpoint: redo it, logs and all
-                remove_run_files(run_dir, "checkpoint.resume=auto: no checkpoint yet, so the run starts again from scratch")
+                remove_run_files(
+                    run_dir, "checkpoint.resume=auto: no checkpoint yet, so the run starts again from scratch"
+                )
             else:
                 log.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
             return None
@@ -102,8 +120,10 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, overwrite: bool = False) 
         if reason:
             raise ConfigError(f"checkpoint.resume={found}: not a valid checkpoint ({reason})")
         if found.parent != run_dir / "checkpoints" and (earlier := earlier_run_files(run_dir)):
-            raise ConfigError(f"output_dir {run_dir} already holds files of another run ({_names(earlier, run_dir)}); "
-                              "choose a new output_dir")
+            raise ConfigError(
+                f"output_dir {run_dir} already holds files of another run ({_names(earlier, run_dir)}); "
+                "choose a new output_dir"
+            )
         ckpt.clean_strays(run_dir)
     manifest = ckpt.read_manifest(found)
     log.info("resuming from %s (%s step %d)", found, manifest["stage"], manifest["step"])

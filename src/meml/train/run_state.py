@@ -15,15 +15,33 @@ log = logging.getLogger("meml")
 
 def save(s: Session, stage: str, step: int, optimizer, scheduler, reference=None) -> None:
     """A checkpoint of everything the next step depends on (main process writes it)."""
-    state = {"stage": stage, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "buffer": s.buffer.state_dict(), "counters": dict(s.counters), "position": _position(s, stage, step)}
+    state = {
+        "stage": stage,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "buffer": s.buffer.state_dict(),
+        "counters": dict(s.counters),
+        "position": _position(s, stage, step),
+    }
     if reference is not None:  # only what training changes (the adapter under LoRA)
         trainable = {n for n, p in s.unwrapped.named_parameters() if p.requires_grad}
         state["reference"] = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if n in trainable}
     s.accelerator.wait_for_everyone()
     model_state = s.accelerator.get_state_dict(s.policy) if sharded(s.accelerator) else None  # collective: full weights
     if s.is_main:
-        path = ckpt.save_checkpoint(s.run_dir, stage, step, s.unwrapped, s.tokenizer, state, to_yaml(s.cfg), s.cfg.checkpoint.keep_last, model_state)
+        path = ckpt.save_checkpoint(
+            s.run_dir,
+            stage,
+            step,
+            s.unwrapped,
+            s.tokenizer,
+            state,
+            to_yaml(s.cfg),
+            s.cfg.checkpoint.keep_last,
+            model_state,
+        )
         log.info("saved checkpoint %s", path)
     s.accelerator.wait_for_everyone()
 
@@ -33,7 +51,9 @@ def _position(s: Session, stage: str, step: int) -> dict:
     if stage == "rl":
         seen = step * s.cfg.train.questions_per_step
         return {"questions_seen": seen, "epoch": seen // max(1, len(s.train_examples))}
-    per_epoch = mef.steps_per_epoch(len(mef.trace_keys(s.traces, s.experts, s.cfg.sft.experts)), s.cfg.sft.sequences_per_step)
+    per_epoch = mef.steps_per_epoch(
+        len(mef.trace_keys(s.traces, s.experts, s.cfg.sft.experts)), s.cfg.sft.sequences_per_step
+    )
     return {"batches_seen": step, "epoch": step // per_epoch}
 
 

@@ -76,7 +76,9 @@ class Session(Workload):
     engine: Engine
     logger: MetricsLogger
     buffer: HardExampleBuffer
-    counters: dict[str, int] = field(default_factory=lambda: {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0})
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0}
+    )
     stop_requested: bool = False  # set by SIGTERM/SIGINT: save at the end of the step and exit
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
@@ -92,7 +94,9 @@ class Session(Workload):
         """The token ids of (expert, question): the same for sampling and training (cached)."""
         key = (example.id, expert)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = prompt_ids(self.tokenizer, self.experts[expert], example, self.task.format_instruction)
+            self._prompt_cache[key] = prompt_ids(
+                self.tokenizer, self.experts[expert], example, self.task.format_instruction
+            )
         return self._prompt_cache[key]
 
     def evaluator(self) -> Evaluator:
@@ -127,7 +131,9 @@ def open_workload(cfg: Config, preset: str | None = None) -> Workload:
     weights = cfg.reward.weights or [1.0] * len(cfg.reward.functions)
     functions = [(path, load_reward_function(path), w) for path, w in zip(cfg.reward.functions, weights)]
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(preset)
-    return Workload(cfg, run_dir, task, experts, train, evals, {e.id: e for e in train + evals}, traces, trace_report, functions)
+    return Workload(
+        cfg, run_dir, task, experts, train, evals, {e.id: e for e in train + evals}, traces, trace_report, functions
+    )
 
 
 def open_session(cfg: Config, preset: str | None = None) -> Session:
@@ -152,20 +158,51 @@ def attach_model(work: Workload, source: str | None = None) -> Session:
     source = source or model_source(cfg)
     tokenizer = model_lib.load_tokenizer(cfg.model, source)
     fmt = work.task.format_instruction
-    check_prompt_lengths(cfg, work.task, work.experts, work.train_examples + work.eval_examples,
-                         lambda example, e: prompt_ids(tokenizer, work.experts[e], example, fmt),
-                         model_lib.context_length(cfg.model, source))  # before the weights load
+    check_prompt_lengths(
+        cfg,
+        work.task,
+        work.experts,
+        work.train_examples + work.eval_examples,
+        lambda example, e: prompt_ids(tokenizer, work.experts[e], example, fmt),
+        model_lib.context_length(cfg.model, source),
+    )  # before the weights load
     policy = model_lib.load_policy(cfg.model, source)
     # The engine copies the weights before accelerate wraps (and, under FSDP/ZeRO-3, shards) them.
-    engine = make_engine(cfg.rollout.backend, policy, tokenizer, dtype, cfg.rollout.sequences_per_generate,
-                         share_weights=not sharded(accelerator), vllm=dataclasses.asdict(cfg.rollout.vllm))
-    logger = MetricsLogger(work.run_dir, cfg.log.backends, to_dict(cfg), enabled=accelerator.is_main_process,
-                           wandb_project=cfg.log.wandb_project, wandb_mode=cfg.log.wandb_mode)
-    log.info("model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
-             cfg.model.name_or_path, _count(policy) / 1e6, _count(policy, trainable=True) / 1e6, dtype, accelerator.num_processes)
+    engine = make_engine(
+        cfg.rollout.backend,
+        policy,
+        tokenizer,
+        dtype,
+        cfg.rollout.sequences_per_generate,
+        share_weights=not sharded(accelerator),
+        vllm=dataclasses.asdict(cfg.rollout.vllm),
+    )
+    logger = MetricsLogger(
+        work.run_dir,
+        cfg.log.backends,
+        to_dict(cfg),
+        enabled=accelerator.is_main_process,
+        wandb_project=cfg.log.wandb_project,
+        wandb_mode=cfg.log.wandb_mode,
+    )
+    log.info(
+        "model %s: %.1fM parameters (%.1fM trainable), compute dtype %s, %d process(es)",
+        cfg.model.name_or_path,
+        _count(policy) / 1e6,
+        _count(policy, trainable=True) / 1e6,
+        dtype,
+        accelerator.num_processes,
+    )
     fields = {f.name: getattr(work, f.name) for f in dataclasses.fields(Workload)}
-    return Session(**fields, accelerator=accelerator, tokenizer=tokenizer, policy=accelerator.prepare_model(policy), engine=engine,
-                   logger=logger, buffer=HardExampleBuffer(cfg.algo.hsft.buffer_size))
+    return Session(
+        **fields,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        policy=accelerator.prepare_model(policy),
+        engine=engine,
+        logger=logger,
+        buffer=HardExampleBuffer(cfg.algo.hsft.buffer_size),
+    )
 
 
 def model_source(cfg: Config) -> str:
@@ -180,7 +217,8 @@ def model_source(cfg: Config) -> str:
         if not (latest / "model" / "config.json").exists():
             raise ModelLoadError(
                 f"model.name_or_path: {latest / 'model'} holds a LoRA adapter, not a whole model; "
-                "start from the base model with the adapter's run resumed instead")
+                "start from the base model with the adapter's run resumed instead"
+            )
         log.info("model.name_or_path: run directory %s, checkpoint %s", path, latest.name)
         return str(latest / "model")
     return model_lib.resolve_model_source(cfg.model)

@@ -42,8 +42,10 @@ class StopSignals:
             raise Interrupted(signum)
         self.signum = signum
         self.s.stop_requested = True
-        log.warning("received %s: finishing this step, saving a checkpoint, then exiting (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s: finishing this step, saving a checkpoint, then exiting (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def install(self) -> StopSignals:
         try:

@@ -1,18 +1,18 @@
 """Per-step RL metrics, per expert where it matters.
 
-  reward/mean, reward/<expert>          mean reward of the step's answers
-  correct/mean, correct/<expert>        fraction of answers the verifier accepted
-  zero_signal_frac, zero_signal/<e>     (draw, expert) groups whose rewards are all equal:
-                                        their advantage is 0 and they teach nothing
-  zero_signal_frac_question             draws of a question whose pooled rewards are all equal
-  all_wrong_frac_question               questions with no correct answer from any expert
-  rescued                               questions where expert 0 had no correct answer but
-                                        another expert did
-  iml/fired, iml/weak/<e>, iml/strong/<e>, iml/loss
-  hsft/pushed, hsft/pushed/<e>, hsft/buffer, hsft/flushes, hsft/loss
-  loss, pg_loss, kl, clip_frac, grad_norm, lr, skipped_updates
-  completion_len, truncated_frac, reward_failures, verifier_abstained
-  tokens_per_s (completion tokens / step time), gen_tokens_per_s, step_time_s, time/*
+reward/mean, reward/<expert>          mean reward of the step's answers
+correct/mean, correct/<expert>        fraction of answers the verifier accepted
+zero_signal_frac, zero_signal/<e>     (draw, expert) groups whose rewards are all equal:
+                                      their advantage is 0 and they teach nothing
+zero_signal_frac_question             draws of a question whose pooled rewards are all equal
+all_wrong_frac_question               questions with no correct answer from any expert
+rescued                               questions where expert 0 had no correct answer but
+                                      another expert did
+iml/fired, iml/weak/<e>, iml/strong/<e>, iml/loss
+hsft/pushed, hsft/pushed/<e>, hsft/buffer, hsft/flushes, hsft/loss
+loss, pg_loss, kl, clip_frac, grad_norm, lr, skipped_updates
+completion_len, truncated_frac, reward_failures, verifier_abstained
+tokens_per_s (completion tokens / step time), gen_tokens_per_s, step_time_s, time/*
 """
 
 from __future__ import annotations
@@ -27,18 +27,24 @@ from meml.algo.iml import is_correct
 
 def _episode_rows(episodes, advantages) -> list[tuple]:
     """(slot, expert, reward, correct, length, finished, advantage, group) per episode."""
-    return [(e.slot, e.expert, e.reward, is_correct(e), len(e.completion_ids), e.finished, float(a), e.group_id)
-            for e, a in zip(episodes, advantages.tolist())]
+    return [
+        (e.slot, e.expert, e.reward, is_correct(e), len(e.completion_ids), e.finished, float(a), e.group_id)
+        for e, a in zip(episodes, advantages.tolist())
+    ]
 
 
-def rl_metrics(episodes, advantages, pairs, pushed, buffer, stats: dict, reward_stats, timing: dict, names: list[str], accelerator) -> dict:
+def rl_metrics(
+    episodes, advantages, pairs, pushed, buffer, stats: dict, reward_stats, timing: dict, names: list[str], accelerator
+) -> dict:
     """The step's metrics, over every process's episodes (gathered) and counts (summed)."""
     multi = accelerator.num_processes > 1
     rows = gather_object(_episode_rows(episodes, advantages)) if multi else _episode_rows(episodes, advantages)
     pair_rows = gather_object([(p.strong, p.weak) for p in pairs]) if multi else [(p.strong, p.weak) for p in pairs]
     pushed_experts = gather_object([h.expert for h in pushed]) if multi else [h.expert for h in pushed]
     counts = [reward_stats.failures, reward_stats.abstentions]
-    failures, abstained = (accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist() if multi else counts)
+    failures, abstained = (
+        accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist() if multi else counts
+    )
     m: dict[str, float] = {}
     valid = [r for r in rows if r[2] is not None]
     m["reward/mean"] = sum(r[2] for r in valid) / max(1, len(valid))
@@ -50,7 +56,9 @@ def rl_metrics(episodes, advantages, pairs, pushed, buffer, stats: dict, reward_
         questions[r[0]].append(r)
     zero = {k: len({x[2] for x in g if x[2] is not None}) <= 1 for k, g in groups.items()}
     m["zero_signal_frac"] = sum(zero.values()) / max(1, len(zero))
-    m["zero_signal_frac_question"] = sum(len({x[2] for x in q if x[2] is not None}) <= 1 for q in questions.values()) / max(1, len(questions))
+    m["zero_signal_frac_question"] = sum(
+        len({x[2] for x in q if x[2] is not None}) <= 1 for q in questions.values()
+    ) / max(1, len(questions))
     m["all_wrong_frac_question"] = sum(not any(x[3] for x in q) for q in questions.values()) / max(1, len(questions))
     for i, name in enumerate(names):
         mine = [r for r in valid if r[1] == i]
@@ -61,9 +69,13 @@ def rl_metrics(episodes, advantages, pairs, pushed, buffer, stats: dict, reward_
         m[f"iml/weak/{name}"] = sum(1 for _, w in pair_rows if w == i)
         m[f"iml/strong/{name}"] = sum(1 for st, _ in pair_rows if st == i)
         m[f"hsft/pushed/{name}"] = sum(1 for e in pushed_experts if e == i)
-    m["rescued"] = sum(
-        1 for q in questions.values() if not any(r[3] for r in q if r[1] == 0) and any(r[3] for r in q if r[1] != 0)
-    ) if len(names) > 1 else 0
+    m["rescued"] = (
+        sum(
+            1 for q in questions.values() if not any(r[3] for r in q if r[1] == 0) and any(r[3] for r in q if r[1] != 0)
+        )
+        if len(names) > 1
+        else 0
+    )
     m["iml/fired"] = len(pair_rows)
     m["iml/loss"] = stats.get("iml_loss", 0.0)
     m["hsft/pushed"] = len(pushed_experts)

@@ -37,20 +37,29 @@ class Learner:
     max_bad_steps: int  # for the warning; the loop stops the run
 
 
-def micro_batch_loss(model, items: list[TrainItem], batch: Collated, settings: LossSettings, autocast, pad_id: int) -> tuple[torch.Tensor, dict]:
+def micro_batch_loss(
+    model, items: list[TrainItem], batch: Collated, settings: LossSettings, autocast, pad_id: int
+) -> tuple[torch.Tensor, dict]:
     """The forward passes of one micro-batch, then algo/objective.py's loss on their logits."""
     with autocast():
         logits = response_logits(model, batch)  # (B, R, V)
     teacher = None
     rows = [b for b, it in enumerate(items) if it.teacher_prompt_ids is not None]
     if rows:  # IML token-KL form: the strong expert's distribution over the same tokens
-        teacher_batch = collate([items[b].teacher_prompt_ids for b in rows], [items[b].response_ids for b in rows], pad_id, batch.targets.device)
+        teacher_batch = collate(
+            [items[b].teacher_prompt_ids for b in rows],
+            [items[b].response_ids for b in rows],
+            pad_id,
+            batch.targets.device,
+        )
         with torch.no_grad(), autocast():
             teacher = (rows, response_logits(model, teacher_batch))  # (b, R', V)
     return objective.micro_batch_loss(items, logits, batch.targets, batch.mask, settings, teacher)
 
 
-def accumulate_gradients(model, items: list[TrainItem], settings: LossSettings, token_budget: int, pad_id: int, accelerator) -> dict:
+def accumulate_gradients(
+    model, items: list[TrainItem], settings: LossSettings, token_budget: int, pad_id: int, accelerator
+) -> dict:
     """Forward and backward every item in micro-batches; gradients add up in `.grad`.
 
     All ranks run the same number of micro-batches (padding with zero-weight copies), as
@@ -106,9 +115,16 @@ def optimizer_step(learner: Learner, items: list[TrainItem], settings: LossSetti
     scale. That is counted as skipped but not as bad, unless the scale has fallen below 1
     (then the gradients are non-finite whatever the scale).
     """
-    optimizer, scheduler, accelerator, counters = learner.optimizer, learner.scheduler, learner.accelerator, learner.counters
+    optimizer, scheduler, accelerator, counters = (
+        learner.optimizer,
+        learner.scheduler,
+        learner.accelerator,
+        learner.counters,
+    )
     optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_gradients(learner.policy, items, settings, learner.micro_batch_tokens, learner.pad_id, accelerator)
+    stats = accumulate_gradients(
+        learner.policy, items, settings, learner.micro_batch_tokens, learner.pad_id, accelerator
+    )
     max_norm = learner.grad_clip if learner.grad_clip > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(learner.policy.parameters(), max_norm)  # unscales first under a scaler
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
@@ -133,9 +149,15 @@ def optimizer_step(learner: Learner, items: list[TrainItem], settings: LossSetti
             log.info("fp16 gradient overflow: update skipped, loss scale now %g", scaler.get_scale())
         else:
             counters["bad_streak"] += 1
-            log.warning("non-finite %s (loss %s, grad norm %s): update skipped, %d in a row (the run stops at %d), %d in all",
-                        "loss" if not math.isfinite(loss) else "gradient", loss, grad_norm,
-                        counters["bad_streak"], learner.max_bad_steps, counters["skipped_updates"])
+            log.warning(
+                "non-finite %s (loss %s, grad norm %s): update skipped, %d in a row (the run stops at %d), %d in all",
+                "loss" if not math.isfinite(loss) else "gradient",
+                loss,
+                grad_norm,
+                counters["bad_streak"],
+                learner.max_bad_steps,
+                counters["skipped_updates"],
+            )
     stats["grad_norm"] = grad_norm
     stats["skipped"] = 0.0 if applied else 1.0
     stats["lr"] = scheduler.get_last_lr()[0]
