@@ -131,3 +131,20 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+OPT_IN = ("slow", "vllm")  # markers whose tests run only when `-m` names them: pytest -m slow
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out slow and vllm tests unless the -m expression names them, so that any other
+    selection (`pytest`, `pytest -m "not e2e"`) never starts them by accident."""
+    expression = config.getoption("markexpr") or ""
+    wanted = [m for m in OPT_IN if m in expression]
+    keep, drop = [], []
+    for item in items:
+        opt_in = [m for m in OPT_IN if item.get_closest_marker(m)]
+        (drop if opt_in and not any(m in wanted for m in opt_in) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -122,6 +122,7 @@ def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["./no/such/model", "runs/sft-typo", "~/no-such-dir/model"])
+@pytest.mark.e2e
 def test_a_missing_local_model_path_is_not_looked_up_on_the_hub(
     name, tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub
 ):
@@ -164,6 +165,7 @@ def _damaged_model(kind: str, tiny_model_dir: Path, tmp_path: Path) -> tuple[Pat
         ("fake gguf", "not a GGUF file"),
     ],
 )
+@pytest.mark.e2e
 def test_a_damaged_model_is_an_error_naming_the_file_before_loading(
     kind, message, tiny_model_dir, tmp_path, capsys, no_model_load
 ):
@@ -173,6 +175,7 @@ def test_a_damaged_model_is_an_error_naming_the_file_before_loading(
     assert message in err and named in err
 
 
+@pytest.mark.e2e
 def test_a_model_directory_the_loader_rejects_is_a_model_load_error(tiny_model_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -183,6 +186,7 @@ def test_a_model_directory_the_loader_rejects_is_a_model_load_error(tiny_model_d
     assert f"could not load the tokenizer from {model}" in err
 
 
+@pytest.mark.e2e
 def test_lora_target_modules_the_model_lacks_are_a_model_load_error(tiny_model_dir, tmp_path, capsys):
     code, err, _ = _train(
         capsys,
@@ -195,6 +199,7 @@ def test_lora_target_modules_the_model_lacks_are_a_model_load_error(tiny_model_d
     assert "(model.lora.target_modules=['no_such_proj'])" in err
 
 
+@pytest.mark.e2e
 def test_an_uncached_hub_id_offline_fails_at_once(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err, seconds = _train(
@@ -206,6 +211,7 @@ def test_an_uncached_hub_id_offline_fails_at_once(tiny_model_dir, tmp_path, monk
     assert seconds < 20
 
 
+@pytest.mark.e2e
 def test_an_uncached_hub_id_without_network_fails_at_once(
     tiny_model_dir, tmp_path, capsys, no_model_load, hub_unreachable
 ):
@@ -221,6 +227,7 @@ def test_an_uncached_hub_id_without_network_fails_at_once(
 # ----------------------------------------------------------------------------- data files
 
 
+@pytest.mark.e2e
 def test_non_utf8_jsonl_names_the_file_and_line(tiny_model_dir, tmp_path, capsys, no_model_load):
     data = _generic_data(tmp_path / "data", ROWS)
     lines = (data / "train.jsonl").read_bytes().splitlines(keepends=True)
@@ -253,6 +260,7 @@ def test_a_csv_field_over_128_kib_is_read(tmp_path):
     assert [len(e.question) for e in examples] == [len(long_question.strip()), len("short?")]
 
 
+@pytest.mark.e2e
 def test_a_corrupt_parquet_file_names_the_file(tiny_model_dir, tmp_path, capsys, no_model_load):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -268,6 +276,7 @@ def test_a_corrupt_parquet_file_names_the_file(tiny_model_dir, tmp_path, capsys,
     assert f"{data / 'train.parquet'}: not a readable parquet file" in err
 
 
+@pytest.mark.e2e
 def test_a_task_path_typo_is_not_looked_up_on_the_hub(
     tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load, no_hub
 ):
@@ -279,6 +288,7 @@ def test_a_task_path_typo_is_not_looked_up_on_the_hub(
     assert seconds < 20
 
 
+@pytest.mark.e2e
 def test_a_hub_dataset_without_network_fails_at_once(tiny_model_dir, tmp_path, capsys, no_model_load, hub_unreachable):
     code, err, seconds = _train(
         capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"}
@@ -289,6 +299,7 @@ def test_a_hub_dataset_without_network_fails_at_once(tiny_model_dir, tmp_path, c
     assert seconds < 20
 
 
+@pytest.mark.e2e
 def test_an_uncached_hub_dataset_offline_is_a_data_error(tiny_model_dir, tmp_path, capsys, no_model_load):
     code, err, seconds = _train(
         capsys, tiny_model_dir, tmp_path / "out", **GENERIC, **{"task.path": "meml-tests/no-such-dataset"}
@@ -309,6 +320,7 @@ def test_a_preset_with_a_yaml_syntax_error_names_the_file_and_line(tmp_path, cap
     assert re.search(rf"config error: {re.escape(str(preset))}:4:\d+: not valid YAML", err)
 
 
+@pytest.mark.e2e
 def test_vllm_backend_without_vllm_fails_before_the_model_loads(
     tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load
 ):
@@ -321,6 +333,7 @@ def test_vllm_backend_without_vllm_fails_before_the_model_loads(
     assert "rollout.backend=vllm: the vllm package is not installed" in err
 
 
+@pytest.mark.e2e
 def test_vllm_backend_with_several_processes_fails_before_the_model_loads(
     tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_load
 ):
@@ -360,6 +373,7 @@ class _Saved:
         (True, "model.lora.enabled=false, but checkpoint .*rl-000001 holds a LoRA adapter"),
     ],
 )
+@pytest.mark.e2e
 def test_resuming_a_checkpoint_of_the_other_kind_fails_before_the_model_loads(
     saved_lora, message, tiny_model_dir, tmp_path, capsys, no_model_load
 ):
@@ -384,6 +398,7 @@ def test_resuming_a_checkpoint_of_the_other_kind_fails_before_the_model_loads(
 # ----------------------------------------------------------------------------- data quality
 
 
+@pytest.mark.e2e
 def test_gold_answers_the_verifier_cannot_read_at_all_are_an_error(tiny_model_dir, tmp_path, capsys, no_model_load):
     rows = [{"question": f"Capital number {i}?", "answer": f"city {chr(97 + i)}"} for i in range(6)]
     data = _generic_data(tmp_path / "data", rows)
@@ -405,6 +420,7 @@ def test_some_unreadable_gold_answers_are_a_warning(tmp_path, caplog):
     assert "the verifier cannot read 1 of 9 gold answers (11.1%), e.g. example 'data-train-8'" in caplog.text
 
 
+@pytest.mark.e2e
 def test_a_prompt_longer_than_the_models_context_is_an_error_before_the_weights_load(
     tiny_model_dir, tmp_path, capsys, no_weights_load
 ):

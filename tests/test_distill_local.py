@@ -49,6 +49,7 @@ def test_keep_first_verified_takes_the_first_that_verifies():
 
 
 @pytest.mark.parametrize("teacher", ["self", "hf"])
+@pytest.mark.e2e
 def test_local_teacher_writes_one_row_per_pair_and_resumes(tiny_model_dir, tmp_path, teacher):
     cfg = _cfg(
         tiny_model_dir,
@@ -71,6 +72,7 @@ def test_local_teacher_writes_one_row_per_pair_and_resumes(tiny_model_dir, tmp_p
     assert len(_rows(tmp_path / "traces.jsonl")) == 6
 
 
+@pytest.mark.e2e
 def test_self_teacher_keeps_the_first_verified_sample(tiny_model_dir, tmp_path, monkeypatch):
     """An engine that answers wrong, right, right: the first right one is kept."""
     cfg = _cfg(tiny_model_dir, tmp_path, **{"distill.samples_per_question": 3})
@@ -114,6 +116,7 @@ def test_trace_writer_drops_a_partial_last_line_and_refuses_a_broken_file(tmp_pa
         done_pairs(path)
 
 
+@pytest.mark.e2e
 def test_distill_is_a_subcommand_and_checks_its_config(tiny_model_dir, tmp_path, capsys):
     from meml.cli import build_parser, main
 

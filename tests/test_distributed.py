@@ -18,7 +18,7 @@ import torch
 
 from conftest import tiny_overrides
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")]
 
 
 def _run(cmd, cwd):

@@ -17,11 +17,12 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def testpop_options_takes_task_wherever_it_stands():
+def test_pop_options_takes_task_wherever_it_stands():
     rest, found = pop_options(["RUN", "--task", "gsm8k", "a=1", "--preset=grpo"], ("--preset", "--task"))
     assert rest == ["RUN", "a=1"] and found == {"--task": "gsm8k", "--preset": "grpo"}
 
 
+@pytest.mark.e2e
 def test_eval_writes_summary_and_per_question_records(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     args = ["eval", str(tiny_model_dir), "--task", "arithmetic", *tiny_overrides(tiny_model_dir, out), "eval.samples=3"]
@@ -48,6 +49,7 @@ def test_eval_writes_summary_and_per_question_records(tiny_model_dir, tmp_path, 
     assert "experts diversify?" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_eval_resumes_after_a_kill_and_refuses_other_settings(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
     args = [
@@ -95,6 +97,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_periodic_evaluation_during_training(tiny_run):
     evals = [r for r in _lines(tiny_run / "metrics.jsonl") if r["stage"] == "eval"]
     assert [(r["tag"], r["step"]) for r in evals] == [("step1", 1), ("after", 2)]
@@ -106,6 +109,7 @@ def test_periodic_evaluation_during_training(tiny_run):
     assert "acc/majority" in results["after"]
 
 
+@pytest.mark.e2e
 def test_eval_of_a_run_directory_uses_its_checkpoint(tiny_run):
     assert main(["eval", str(tiny_run), "eval.samples=3"]) == 0
     (out,) = (tiny_run / "eval").glob("rl-*")  # named after the newest checkpoint

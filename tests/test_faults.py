@@ -72,6 +72,7 @@ def test_a_reward_function_that_exits_or_interrupts_only_fails(fn, shown, caplog
     assert "examples: q1, q2, q3, q4" in caplog.text
 
 
+@pytest.mark.e2e
 def test_training_goes_on_through_reward_functions_that_exit_or_interrupt(tiny_model_dir, tmp_path):
     """A real `meml train` process: before, the sys.exit(0) ended it with exit code 0, no
     message and no results."""
@@ -152,6 +153,7 @@ def test_hung_reward_calls_do_not_hold_up_the_exit_of_the_process():
     assert time.monotonic() - t0 < 60  # a non-daemon pool would wait for the hour-long calls
 
 
+@pytest.mark.e2e
 def test_training_goes_on_through_reward_function_failures(tiny_model_dir, tmp_path, caplog):
     extra = {
         "sft.enabled": "false",
@@ -202,6 +204,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("kind", ["grad", "loss"])
+@pytest.mark.e2e
 def test_non_finite_updates_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(
     kind, tiny_model_dir, tmp_path, monkeypatch, capsys, caplog
 ):
@@ -321,6 +324,7 @@ def _bad_gsm8k(tmp_path) -> Path:
         ("unwritable output_dir", 1, r"error: output_dir .*a-file/run is not writable \(Not a directory"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_config_data_and_output_dir_fail_before_the_model_loads(
     case, code, message, tiny_model_dir, tmp_path, no_model_load, capsys
 ):

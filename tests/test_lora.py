@@ -10,6 +10,8 @@ from meml.train.loop import train
 
 from conftest import tiny_overrides
 
+pytestmark = pytest.mark.e2e  # runs of the trainer end to end
+
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_run_trains_adapters_and_they_load_back(tiny_model_dir, tmp_path, checkpointing):

@@ -15,6 +15,8 @@ from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
 
+pytestmark = pytest.mark.e2e  # runs of the trainer end to end
+
 RUN = {"sft.enabled": "false", "checkpoint.every_steps": 1, "log.samples_every": 1}
 
 

@@ -27,6 +27,8 @@ from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
 
+pytestmark = pytest.mark.e2e  # runs of the trainer end to end
+
 TESTS = Path(__file__).parent
 TIMING_KEYS = ("step_time_s", "tokens_per_s", "gen_tokens_per_s", "eval_time_s")
 

@@ -101,6 +101,7 @@ def test_buffer_flush_adds_an_sft_term_and_empties_it(session, monkeypatch):
     assert metrics["hsft/loss"] > 0
 
 
+@pytest.mark.e2e
 def test_a_question_drawn_twice_in_a_step_is_two_draws(tiny_model_dir, tmp_path, monkeypatch):
     """3 training questions, 4 a step: the 4th draw repeats a question (an epoch boundary).
     Each draw has its own groups, sampling seeds, IML pair and HSFT pushes."""

@@ -70,6 +70,7 @@ def test_load_trainer_state_refuses_a_pickle_that_would_run_code(tmp_path, model
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_hostile_trainer_state_with_exit_code_2(tmp_path, tiny_model_dir, model_and_tokenizer, capsys):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
@@ -149,6 +150,7 @@ def _run_with_remote_code(tmp_path, tiny_model_dir, model_and_tokenizer, marker,
     return run
 
 
+@pytest.mark.e2e
 def test_eval_of_a_run_does_not_run_code_from_its_checkpoint(
     tmp_path, tiny_model_dir, model_and_tokenizer, caplog, capsys
 ):
@@ -162,6 +164,7 @@ def test_eval_of_a_run_does_not_run_code_from_its_checkpoint(
     assert "made with model.trust_remote_code=true; ignoring that setting" in caplog.text
 
 
+@pytest.mark.e2e
 def test_only_this_command_line_turns_trust_remote_code_on(tmp_path, tiny_model_dir, model_and_tokenizer):
     marker = tmp_path / "remote-code-ran"
     run = _run_with_remote_code(

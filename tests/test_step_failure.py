@@ -8,6 +8,7 @@ Runs are in process (`meml.cli.main`), stage 2 only, on the tiny model."""
 
 import logging
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_resume import _assert_equal, assert_same_metrics, records
@@ -18,6 +19,8 @@ from meml.cli import main
 from meml.train import checkpoint as ckpt
 
 from conftest import tiny_overrides
+
+pytestmark = pytest.mark.e2e  # runs of the trainer end to end
 
 # LoRA with dropout: the update draws from the torch RNG, which a rewound step must put
 # back. HSFT pushes every failed group, so the buffer changes inside the failing step too.

@@ -12,6 +12,8 @@ from meml.train.loop import train
 
 from conftest import tiny_overrides
 
+pytestmark = pytest.mark.e2e  # runs of the trainer end to end
+
 
 def _records(run_dir, stage):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
