@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,14 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     assert set(comp) == {("test", m) for m in ("shared", "any", "majority", "best_val")}
     assert comp[("test", "shared")]["seeds"] == 2 and comp[("test", "shared")]["questions"] == 4
     assert (records / "summary.md").exists() and (records / "plots" / "accuracy_test.png").exists()
+
+    # the summary and plots are made again from the records alone
+    (records / "summary.json").unlink()
+    shutil.rmtree(records / "plots")
+    redone = subprocess.run([sys.executable, "-m", "meml.cli", "report", str(records)], capture_output=True, text=True)
+    assert redone.returncode == 0, redone.stderr[-2000:]
+    assert json.loads((records / "summary.json").read_text())["comparisons"] == summary["comparisons"]
+    assert (records / "plots" / "accuracy_test.png").exists()
 
     # 3. nothing left to do, and --print says so
     printed = subprocess.run(

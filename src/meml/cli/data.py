@@ -38,7 +38,12 @@ from meml.tasks.registry import build_task
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="look at a task's data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("inspect", help="row counts, rendered prompts per expert, gold-answer parse rate")
+    q = data_sub.add_parser(
+        "inspect",
+        help="row counts, rendered prompts per expert, gold-answer parse rate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("source", help="a task name (gsm8k, mathqa, ...) or a data file / directory")
     q.add_argument("-n", "--examples", type=int, default=2, help="examples whose prompts are shown (default 2)")
     # REMAINDER, so that "-n 3" may also come after the overrides

@@ -3,10 +3,12 @@ OpenAI-compatible endpoint); the work is meml.distill.run_distill, docs/DISTILL.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from meml.cli.args import split_args
 from meml.core.load import load_config
+from meml.distill import __doc__ as distill_doc
 from meml.distill import run_distill
 from meml.distill.http_client import TeacherHTTPError
 
@@ -15,6 +17,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "distill",
         help="write expert traces (JSONL) for stage 1 from a teacher: self, a local model or an HTTP endpoint",
+        description=distill_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "e.g. meml distill distill.teacher=openai distill.model=NAME distill.output=traces.jsonl (see "
             "docs/DISTILL.md)"

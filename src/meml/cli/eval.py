@@ -17,6 +17,13 @@ with the same command skips the questions already there.
 <out> is output_dir when given, else <run>/eval/<checkpoint> for a run, else
 runs/eval-<model>-<task>. Also written: <out>/summary.json and <out>/eval_settings.json
 (what the records were made with; a rerun with other settings is refused, not mixed in).
+
+Computes: greedy accuracy per expert, the best expert, any expert correct, the majority
+vote of the experts; with eval.samples=n also pass@k per expert, the sampled majority,
+zero-signal estimates and the compute-matched coverage (N experts x k against one x N*k,
+paired bootstrap interval). Main settings: task.eval_split, task.max_eval_examples,
+eval.max_new_tokens, eval.samples, eval.pass_k, eval.coverage_k, rollout.temperature,
+output_dir. docs/EVAL.md has every figure.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ log = logging.getLogger("meml")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="per-expert accuracy, majority vote, pass@k and compute-matched coverage")
+    p = sub.add_parser(
+        "eval",
+        help="per-expert accuracy, majority vote, pass@k and compute-matched coverage",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default=None, help="preset whose task and experts to use")
     p.add_argument("--task", default=None, help="task name (short for task.name=NAME)")
     # REMAINDER keeps options that follow the target (`meml eval RUN --task gsm8k k=v`) for _run

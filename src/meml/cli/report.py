@@ -14,10 +14,15 @@ gives the final figures of each run and the commands that produced it: the comma
 as recorded in command.txt, and an equivalent `meml train` command rebuilt from
 config.yaml (every setting that differs from the defaults), which reproduces the config
 exactly even when command.txt is absent.
+
+    meml report bench/results/study            -> a study's records (`meml compare`): its
+                                                  summary.json, summary.md and plots/, redone
+                                                  from the records and study.json alone
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -374,14 +379,28 @@ def report(run_dirs: list[str], out: str | None = None, names: list[str] | None 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="plots and an HTML page per run and across runs")
-    p.add_argument("runs", nargs="+", help="run directories (output_dir of meml train)")
+    p = sub.add_parser(
+        "report",
+        help="plots and an HTML page per run and across runs, or of a study's records",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", help="run directories (output_dir of meml train), or a study's records directory")
     p.add_argument("--out", default=None, help="directory of the page comparing the runs")
     p.add_argument("--names", default=None, help="comma-separated names for the runs, in order")
     p.set_defaults(func=_run)
 
 
 def _run(ns) -> int:
+    studies = [Path(r) for r in ns.runs if (Path(r) / "study.json").exists()]
+    for records in studies:
+        from meml.cli.compare import write_summary
+        from meml.study.spec import study_from_json
+
+        write_summary(study_from_json(records / "study.json", records))
+    ns.runs = [r for r in ns.runs if Path(r) not in studies]
+    if not ns.runs:
+        return 0
     names = ns.names.split(",") if ns.names else None
     if names and len(names) != len(ns.runs):
         from meml.core.errors import ConfigError

@@ -130,6 +130,18 @@ def load_study(path: str | Path) -> StudySpec:
     return spec
 
 
+def study_from_json(path: Path, records_dir: Path | None = None) -> StudySpec:
+    """The study a records directory was made by (its study.json, written by `meml compare`);
+    records_dir points it at where the records are now."""
+    import json
+
+    merged = OmegaConf.merge(OmegaConf.structured(StudySpec), OmegaConf.create(json.loads(Path(path).read_text())))
+    spec: StudySpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if records_dir is not None:
+        spec.records_dir = str(records_dir)
+    return spec
+
+
 def check_study(spec: StudySpec, where: str = "study") -> None:
     """Every cross-reference of the study file, named when it is wrong."""
     problems = []
