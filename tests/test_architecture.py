@@ -177,3 +177,27 @@ def test_a_cycle_is_found(tmp_path):
     (fake / "core" / "a.py").write_text("from meml.core.b import x\n")
     (fake / "core" / "b.py").write_text("from meml.core import a\n")
     assert import_cycles(fake) == [["meml.core.a", "meml.core.b"]]
+
+
+def named_modules(text: str) -> set[str]:
+    """Modules a page names: as `package/module.py`, or in a tree line `package/  a.py b.py`."""
+    import re
+
+    packages = "|".join(LAYERS)
+    named = set(re.findall(rf"\b((?:{packages})/[a-z0-9_]+\.py)\b", text))
+    for line in text.splitlines():
+        tree = re.match(rf"^\s+({packages})/\s+(.*)$", line)
+        if tree:
+            named |= {f"{tree.group(1)}/{name}" for name in re.findall(r"\b([a-z0-9_]+\.py)\b", tree.group(2))}
+    return named
+
+
+def test_the_architecture_doc_and_the_readme_name_every_module():
+    """docs/ARCHITECTURE.md and the README's file tree name every module of src/meml, and
+    every module they name exists."""
+    root = SRC.parents[1]
+    modules = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    for where in ("docs/ARCHITECTURE.md", "README.md"):
+        named = named_modules((root / where).read_text())
+        assert sorted(modules - named) == [], f"{where} does not name these modules"
+        assert sorted(named - modules) == [], f"{where} names modules that do not exist"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from meml.cli import main
-from meml.cli.report import draw_plots, equivalent_command, load_run
+from meml.cli.report_runs import draw_plots, equivalent_command, load_run
 from meml.core.load import from_dict, load_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
