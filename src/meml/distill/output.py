@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from meml.core.errors import DataError
+from meml.tasks.traces import read_trace_file
 
 log = logging.getLogger("meml")
 
@@ -35,22 +35,11 @@ def _drop_partial_last_line(path: Path) -> None:
 
 
 def done_pairs(path: Path) -> set[tuple[str, str]]:
-    """(question_id, expert name) pairs that already have a row."""
-    done: set[tuple[str, str]] = set()
+    """(question_id, expert name) pairs that already have a row (the file is read as stage 1
+    reads it: tasks/traces.py; a malformed row is an error naming its line)."""
     if not path.exists():
-        return done
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                done.add((row["question_id"], row["expert"]))
-            except (ValueError, KeyError, TypeError):
-                raise DataError(
-                    f"{path}:{lineno}: not a trace row; fix or move the file before resuming into it"
-                ) from None
-    return done
+        return set()
+    return {(row["question_id"], row["expert"]) for row in read_trace_file(path)}
 
 
 class TraceWriter:
