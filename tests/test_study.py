@@ -237,3 +237,16 @@ def test_study_file_errors_name_the_field(tmp_path):
     )
     with pytest.raises(ConfigError, match="selection split"):
         load_study(bad)
+
+
+def test_a_setting_added_to_meml_after_a_record_is_no_change_at_its_default():
+    from meml.study.runner import _comparable, _defaults, config_differences
+
+    defaults = _defaults()
+    old = json.loads(json.dumps(defaults))
+    old["rollout"]["batch_size"] = old["rollout"].pop("sequences_per_generate")  # saved before the rename
+    del old["algo"]["iml"]["weight"]  # saved before this setting existed
+    new = json.loads(json.dumps(defaults))
+    assert config_differences(_comparable(old), _comparable(new), defaults) == []
+    new["algo"]["iml"]["weight"] = 0.5  # not its default: that is a change
+    assert config_differences(_comparable(old), _comparable(new), defaults) == ["algo.iml.weight: None -> 0.5"]

@@ -143,14 +143,15 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(data: dict) -> Config:
     """Rebuild a Config saved with a run (type-checked like any other source); keys saved
     under an old name are read under the new one."""
-    data = _rename_keys(data)
+    data = upgrade_keys(data)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
 
 
-def _rename_keys(data: dict) -> dict:
+def upgrade_keys(data: dict) -> dict:
+    """A saved config's keys under their current names (RENAMED)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for old, new in RENAMED.items():
         (section, old_key), (_, new_key) = old.split("."), new.split(".")

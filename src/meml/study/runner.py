@@ -77,22 +77,47 @@ def planned_config(job: Job) -> dict:
         raise ConfigError(f"job {job.key} (preset {job.preset}): {exc}") from None
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+_ABSENT = object()
+
+
+def config_differences(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """'key: old -> new' for each setting that differs. A key the old config does not have is
+    no difference when the new one leaves it at its default (`defaults`): a setting added to
+    meml after the old run was made."""
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        d = defaults.get(key, _ABSENT) if isinstance(defaults, dict) else _ABSENT
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, f"{prefix}{key}."))
+            out.extend(config_differences(a, b, d if isinstance(d, dict) else None, f"{prefix}{key}."))
+        elif a is _ABSENT and d is not _ABSENT and b == d:
+            continue
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            out.append(f"{prefix}{key}: {None if a is _ABSENT else a!r} -> {None if b is _ABSENT else b!r}")
     return out
+
+
+def _comparable(config: dict) -> dict:
+    """A saved config with renamed keys under their current names, `checkpoint.resume` left out."""
+    from meml.core.load import upgrade_keys
+
+    out = upgrade_keys(json.loads(json.dumps(config)))
+    out.get("checkpoint", {}).pop("resume", None)
+    return out
+
+
+def _defaults() -> dict:
+    from meml.core.config import Config
+    from meml.core.load import to_dict
+
+    return to_dict(Config())
 
 
 def check_unchanged(job: Job, record: dict | None) -> None:
     """Refuse a record or run directory made with other settings than the study asks for."""
     planned = planned_config(job)
     if record is not None:
-        changed = config_differences(record["config"], planned)
+        changed = config_differences(_comparable(record["config"]), _comparable(planned), _defaults())
         old_evals = record.get("evals", {})
         changed += [
             f"evaluation set {name}" for name in job.evals if name in old_evals and old_evals[name] != job.evals[name]
@@ -108,10 +133,7 @@ def check_unchanged(job: Job, record: dict | None) -> None:
         import yaml
 
         old = yaml.safe_load(saved.read_text()) or {}
-        old.get("checkpoint", {}).pop("resume", None)
-        new = json.loads(json.dumps(planned))
-        new.get("checkpoint", {}).pop("resume", None)
-        changed = config_differences(old, new)
+        changed = config_differences(_comparable(old), _comparable(planned), _defaults())
         if changed:
             raise ConfigError(
                 f"{job.key}: {job.run_dir} holds a run made with other settings ({'; '.join(changed[:6])}). "
