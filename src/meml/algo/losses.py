@@ -23,6 +23,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position, in fp32: (B, T, V) -> (B, T).
+
+    H = log Z - sum_v p_v logit_v, with Z the partition function (no log of a probability
+    that underflows to 0)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
 def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """On-policy policy gradient: -A * log p(token). logp (B, T), advantages (B,) -> (B, T)."""
     return -advantages.unsqueeze(-1) * logp
@@ -77,19 +86,63 @@ def weighted_sum(token_loss: torch.Tensor, mask: torch.Tensor, weights: torch.Te
     return (token_loss * mask * weights.unsqueeze(-1)).sum()
 
 
-# A policy loss: (logp, behaviour logp, advantages, eps_low, eps_high) -> (per-token loss,
-# where the clip was active or None). behaviour is the policy the update is relative to.
+def gspo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one importance ratio per sequence, the
+    geometric mean of its tokens' ratios, s = exp(mean_t (logp - old_logp)), clipped as in
+    PPO: L = -min(s A, clip(s, 1-eps_low, 1+eps_high) A). Returned per token (L repeated at
+    each response position, so that a sequence-mean aggregation gives mean over sequences
+    of L) with where the clip was active. logp, old_logp, mask (B, T); advantages (B,)."""
+    length = mask.sum(-1).clamp(min=1)  # (B,)
+    ratio = torch.exp(((logp - old_logp) * mask).sum(-1) / length)  # (B,)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)  # (B,)
+    active = (clipped < unclipped).float()
+    return loss.unsqueeze(-1).expand_as(logp), active.unsqueeze(-1).expand_as(logp)
+
+
+def cispo_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): the importance weight is clipped and detached,
+    and every token keeps its gradient: L_t = -sg(clip(r_t, 1-eps_low, 1+eps_high)) A log p_t,
+    r_t = exp(logp_t - old_logp_t). PPO's clip instead zeroes the gradient of clipped tokens.
+    (B, T), (B, T), (B,) -> per-token loss and where the weight was clipped."""
+    ratio = torch.exp(logp.detach() - old_logp)
+    weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return -weight * advantages.unsqueeze(-1) * logp, (weight != ratio).float()
+
+
+# A policy loss: (logp, behaviour logp, advantages, mask, eps_low, eps_high) -> (per-token
+# loss, where a clip was active or None). behaviour is the policy the update is relative to.
 PolicyLoss = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor | None]
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor | None]
 ]
 
 
-def _reinforce(logp, behaviour, advantages, eps_low, eps_high):
+def _reinforce(logp, behaviour, advantages, mask, eps_low, eps_high):
     return reinforce_loss(logp, advantages), None
 
 
-def _ppo_clip(logp, behaviour, advantages, eps_low, eps_high):
+def _ppo_clip(logp, behaviour, advantages, mask, eps_low, eps_high):
     return ppo_clip_loss(logp, behaviour, advantages, eps_low, eps_high)
 
 
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("algo.loss", {"reinforce": _reinforce, "ppo_clip": _ppo_clip})
+def _gspo(logp, behaviour, advantages, mask, eps_low, eps_high):
+    return gspo_loss(logp, behaviour, advantages, mask, eps_low, eps_high)
+
+
+def _cispo(logp, behaviour, advantages, mask, eps_low, eps_high):
+    return cispo_loss(logp, behaviour, advantages, eps_low, eps_high)
+
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry(
+    "algo.loss", {"reinforce": _reinforce, "ppo_clip": _ppo_clip, "gspo": _gspo, "cispo": _cispo}
+)

@@ -20,10 +20,11 @@ every process's items included: callers pass global counts):
     HSFT            w_h = 1 / (B |o_h|)   B: buffer items flushed into this step
     SFT             w = 1 / T             T: trace tokens of the step's batch
 
-The per-token loss of a row (`token_losses`):
-    pg    the policy loss POLICY_LOSSES[algo.loss] (REINFORCE or PPO-clip), times the
-          truncated importance weight min(pi/q, tis_cap) when tis_cap > 0, plus
-          kl_coef * k3(pi, reference)
+The per-token loss of a row (`micro_batch_loss`):
+    pg    the policy loss POLICY_LOSSES[algo.loss] (REINFORCE, PPO-clip, GSPO, CISPO), times
+          the truncated importance weight min(pi/q, tis_cap) when tis_cap > 0, kept only
+          on the top-entropy tokens when top_entropy_quantile < 1, plus kl_coef * k3(pi,
+          reference), minus entropy_coef * H (an entropy bonus)
     iml   -log p(O+_t | P_E-, q, O+_<t); with iml.form=kl, KL(p(.|P_E+, ...) || p(.|P_E-, ...))
     hsft, sft   -log p(o_t | P_e, q, o_<t)
 """
@@ -56,6 +57,7 @@ class TrainItem:
     ref_logprobs: torch.Tensor | None = None  # (len(response_ids),) for the KL term
     sample_logprobs: torch.Tensor | None = None  # (len(response_ids),) the engine's, for the IS correction
     teacher_prompt_ids: list[int] | None = None  # IML token-KL form: the strong expert's prompt
+    expert: int = -1  # the expert a pg item was sampled under (for per-expert statistics)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,13 @@ class LossSettings:
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0
     tis_cap: float = 0.0  # truncated importance-sampling correction of engine/trainer mismatch; 0 = off
+    entropy_coef: float = 0.0  # entropy bonus on policy-gradient tokens; 0 = off
+    top_entropy_quantile: float = 1.0  # train the PG term on this top share of tokens by entropy; 1 = all
+    num_experts: int = 0  # entropy statistics per expert index 0..n-1 (0: none)
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef > 0 or self.top_entropy_quantile < 1.0 or self.num_experts > 0
 
 
 # ----------------------------------------------------------------------------- normalisers
@@ -129,10 +138,23 @@ def policy_items(
         sampled = None if e.sample_logprobs is None else torch.tensor(e.sample_logprobs)
         items.append(
             TrainItem(
-                "pg", e.prompt_ids, e.completion_ids, weight=w, advantage=float(advantages[i]), sample_logprobs=sampled
+                "pg",
+                e.prompt_ids,
+                e.completion_ids,
+                weight=w,
+                advantage=float(advantages[i]),
+                sample_logprobs=sampled,
+                expert=e.expert,
             )
         )
     return items
+
+
+def trained_indices(episodes: Sequence[Episode], indices: Sequence[int], mask_truncated: bool) -> list[int]:
+    """The episodes the policy-gradient term covers: all, or (algo.mask_truncated, DAPO's
+    overlong filtering) all but those cut at the length limit, which then count in no
+    normaliser either."""
+    return [i for i in indices if episodes[i].finished] if mask_truncated else list(indices)
 
 
 def iml_items(
@@ -184,41 +206,36 @@ def _stack(values: list[torch.Tensor | None], width: int, device) -> torch.Tenso
 
 def micro_batch_loss(
     items: Sequence[TrainItem],
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    logp: torch.Tensor,
     mask: torch.Tensor,
     settings: LossSettings,
-    teacher: tuple[list[int], torch.Tensor] | None = None,
+    entropy: torch.Tensor | None = None,
+    kl: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one micro-batch and its statistics (sums, to be averaged later).
 
-    logits (B, R, V) predict targets (B, R); mask (B, R) is 1 on response tokens.
-    teacher: (rows, logits (b, R', V)) of the IML token-KL rows under the strong prompt.
+    logp (B, R): log p of each response token (fp32, with gradients); mask (B, R): 1 on
+    response tokens. entropy (B, R): of the next-token distribution, where the settings
+    use it (logging, bonus, top-entropy tokens). kl: (rows, per-token KL (b, R')) of the IML
+    token-KL rows, which replaces their NLL.
     """
-    device, R = targets.device, targets.shape[1]
-    logp = losses.token_logprobs(logits, targets)  # (B, R) fp32
+    device, R = logp.device, logp.shape[1]
     kinds = [it.kind for it in items]
     is_pg = torch.tensor([k == "pg" for k in kinds], device=device)  # (B,)
     weight = torch.tensor([it.weight for it in items], device=device, dtype=torch.float32)  # (B,)
     coef = torch.tensor([it.coef for it in items], device=device, dtype=torch.float32)  # (B,)
     adv = torch.tensor([it.advantage for it in items], device=device, dtype=torch.float32)  # (B,)
-    stats = {
-        "clip_frac_sum": 0.0,
-        "kl_sum": 0.0,
-        "is_weight_sum": 0.0,
-        "is_truncated_sum": 0.0,
-        "is_tokens": 0.0,
-    }  # same keys on every process
+    pg_mask = mask * is_pg.unsqueeze(-1)  # (B, R): policy-gradient tokens
+    stats = dict.fromkeys(STAT_KEYS, 0.0)  # same keys on every process
 
-    # The policy this update is relative to: the scored old log-probs (PPO, several updates
-    # per batch), else the current policy itself, detached (ratio 1).
-    has_old = settings.loss == "ppo_clip" and all(it.old_logprobs is not None for it in items if it.kind == "pg")
+    # The policy this update is relative to: the scored old log-probs (several updates per
+    # batch), else the current policy itself, detached (ratio 1).
+    has_old = settings.loss != "reinforce" and all(it.old_logprobs is not None for it in items if it.kind == "pg")
     behaviour = _stack([it.old_logprobs for it in items], R, device) if has_old else logp.detach()  # (B, R)
-    pg_tok, clipped = losses.POLICY_LOSSES.get(settings.loss)(
-        logp, behaviour, adv, settings.clip_eps_low, settings.clip_eps_high
-    )
+    loss_fn = losses.POLICY_LOSSES.get(settings.loss)
+    pg_tok, clipped = loss_fn(logp, behaviour, adv, mask, settings.clip_eps_low, settings.clip_eps_high)
     if clipped is not None:
-        stats["clip_frac_sum"] = float((clipped * mask)[is_pg].sum())
+        stats["clip_frac_sum"] = float((clipped * pg_mask).sum())
     if settings.tis_cap > 0 and any(it.sample_logprobs is not None for it in items):
         has = torch.tensor([it.sample_logprobs is not None for it in items], device=device).unsqueeze(-1)  # (B, 1)
         w = losses.truncated_is_weights(
@@ -226,27 +243,55 @@ def micro_batch_loss(
         )
         w = torch.where(has, w, torch.ones_like(w))  # (B, R); 1 where the engine reported nothing
         pg_tok = pg_tok * w
-        pg_mask = mask * (is_pg.unsqueeze(-1) & has)
-        stats["is_weight_sum"] = float((w * pg_mask).sum())
-        stats["is_truncated_sum"] = float(((w >= settings.tis_cap) * pg_mask).sum())
-        stats["is_tokens"] = float(pg_mask.sum())
+        is_mask = pg_mask * has
+        stats["is_weight_sum"] = float((w * is_mask).sum())
+        stats["is_truncated_sum"] = float(((w >= settings.tis_cap) * is_mask).sum())
+        stats["is_tokens"] = float(is_mask.sum())
+    if settings.top_entropy_quantile < 1.0 and entropy is not None and pg_mask.any():
+        keep = high_entropy_tokens(entropy.detach(), pg_mask, settings.top_entropy_quantile)  # (B, R)
+        pg_tok = pg_tok * keep
+        stats["entropy_kept_tokens"] = float((keep * pg_mask).sum())
     token_loss = torch.where(is_pg.unsqueeze(-1), pg_tok, losses.nll_loss(logp))  # (B, R): supervised rows get the NLL
 
-    if teacher is not None:  # IML token-KL form: those rows' NLL becomes KL(teacher || student)
-        rows, teacher_logits = teacher
-        width = teacher_logits.shape[1]
+    if kl is not None:  # IML token-KL form: those rows' NLL becomes KL(teacher || student)
+        rows, kl_tok = kl
         token_loss = token_loss.clone()
-        token_loss[rows, :width] = losses.distribution_kl(teacher_logits, logits[rows, :width])  # (b, R')
+        token_loss[rows, : kl_tok.shape[1]] = kl_tok
 
     if settings.kl_coef > 0 and any(it.ref_logprobs is not None for it in items):
-        kl_tok = losses.k3_kl(logp, _stack([it.ref_logprobs for it in items], R, device))  # (B, R)
-        token_loss = token_loss + settings.kl_coef * kl_tok * is_pg.unsqueeze(-1)
-        stats["kl_sum"] = float((kl_tok.detach() * mask)[is_pg].sum())
+        kl_ref = losses.k3_kl(logp, _stack([it.ref_logprobs for it in items], R, device))  # (B, R)
+        token_loss = token_loss + settings.kl_coef * kl_ref * is_pg.unsqueeze(-1)
+        stats["kl_sum"] = float((kl_ref.detach() * pg_mask).sum())
+
+    if settings.entropy_coef > 0 and entropy is not None:  # a bonus: lower loss for a flatter policy
+        token_loss = token_loss - settings.entropy_coef * entropy * is_pg.unsqueeze(-1)
 
     loss = losses.weighted_sum(token_loss, mask, weight * coef)
     per_row = (token_loss.detach() * mask).sum(-1) * weight  # (B,) the term's value, without its coefficient
     for kind in KINDS:
         stats[f"{kind}_loss"] = float(per_row[torch.tensor([k == kind for k in kinds], device=device)].sum())
-    stats["pg_tokens"] = float(mask[is_pg].sum())
+    stats["pg_tokens"] = float(pg_mask.sum())
     stats["tokens"] = float(mask.sum())
+    if entropy is not None:
+        for e in range(settings.num_experts):
+            rows = torch.tensor([it.kind == "pg" and it.expert == e for it in items], device=device)
+            stats[f"entropy_sum/{e}"] = float((entropy.detach() * mask)[rows].sum())
+            stats[f"entropy_tokens/{e}"] = float(mask[rows].sum())
     return loss, stats
+
+
+STAT_KEYS = ("clip_frac_sum", "kl_sum", "is_weight_sum", "is_truncated_sum", "is_tokens", "entropy_kept_tokens")
+
+
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """1 at the masked tokens whose entropy is in the top `top_quantile` share of the masked
+    tokens (at or above the (1 - q) quantile), else 0: the "forking" tokens of Wang et al.
+    2025 (arXiv 2506.01939), TRL's top_entropy_quantile. (B, R), (B, R) -> (B, R).
+
+    >>> e = torch.tensor([[0.1, 0.9, 0.5, 0.3]]); m = torch.ones(1, 4)
+    >>> high_entropy_tokens(e, m, 0.5).tolist()
+    [[0.0, 1.0, 1.0, 0.0]]
+    """
+    values = entropy[mask > 0]
+    threshold = torch.quantile(values.float(), 1.0 - top_quantile)
+    return ((entropy >= threshold) & (mask > 0)).float()

@@ -115,6 +115,33 @@ class VLLMConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (docs/ALGORITHM.md): baseline groups whose rewards are all equal
+    leave the policy-gradient term, and refills sample more until the step holds as many
+    informative groups as it was configured with. IML and HSFT still see every group."""
+
+    enabled: bool = False
+    max_rounds: int = 3  # refill rounds after the step's own rollouts; 0: drop only
+    # Where refills come from: questions (the next questions of the training order) | experts
+    # (a dead (question, expert) group: the same question under the expert whose group on it
+    # had the largest reward variance; fresh questions for what that cannot cover)
+    refill: str = "questions"
+
+
+@dataclass
+class BudgetConfig:
+    """The adaptive expert budget (docs/ALGORITHM.md): A answers per question, split across the
+    experts each step by a softmax over their recent success rates, with a floor each. When on,
+    it replaces num_generations_per_expert as the group sizes (G stays HSFT's K/G ratio)."""
+
+    enabled: bool = False
+    answers_per_question: int = 12  # A, over all experts
+    min_per_expert: int = 2  # m: the floor; a baseline needs 2 answers, IML a mean per expert
+    temperature: float = 0.1  # tau of the softmax over success rates in [0, 1]; lower is greedier
+    smoothing: float = 0.3  # alpha: weight of the newest step in each expert's success average
+
+
+@dataclass
 class RolloutConfig:
     backend: str = "hf"  # hf (transformers generate) | vllm
     num_generations_per_expert: int = 4  # G answers per (question, expert)
@@ -123,6 +150,8 @@ class RolloutConfig:
     max_new_tokens: int = 128
     sequences_per_generate: int = 48  # sequences per generate call (formerly rollout.sequences_per_generate)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    dynamic: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 @dataclass
@@ -188,6 +217,9 @@ class TrainConfig:
     steps: int = 8
     questions_per_step: int = 4
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward
+    # Response positions whose vocabulary-wide logits exist at once in the loss (log-probs and
+    # entropies are taken a chunk at a time, recomputed in the backward pass); 0: all at once.
+    logit_chunk_tokens: int = 1024
     max_bad_steps: int = 3  # stop after this many consecutive non-finite losses/grads
 
 

@@ -18,11 +18,14 @@ without `past_key_values`/`logits_to_keep`, or a micro-batch without a repeated 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from meml.algo import losses
 from meml.algo.losses import token_logprobs
 from meml.algo.objective import TrainItem
 
@@ -196,13 +199,108 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return _ACCEPTS_LOGITS_TO_KEEP[key]
 
 
+# ----------------------------------------------------------------------------- per-token statistics
+#
+# The loss needs, per response token, log p(token) and (for entropy) the entropy of the
+# next-token distribution: two numbers per position. Materialising the logits for that,
+# (rows x response x vocabulary), costs gigabytes at a 49k-152k vocabulary. Instead the
+# model runs with its LM head bypassed, giving hidden states (rows x response x hidden),
+# and the head is applied a chunk of positions at a time under activation checkpointing:
+# the backward pass recomputes each chunk's logits, so at most one chunk of logits exists.
+
+
+@dataclass
+class TokenStats:
+    logp: torch.Tensor  # (B, R) fp32, log p(target); 0 at padding
+    entropy: torch.Tensor | None  # (B, R) fp32 entropy of the next-token distribution; None when not asked
+    hidden: torch.Tensor | None = None  # (B, R, H) when the head was split off
+    head: torch.nn.Module | None = None
+    logits: torch.Tensor | None = None  # (B, R, V) when it was not
+
+    def row_logits(self, rows: list[int], width: int) -> torch.Tensor:
+        """Full logits of a few rows (the IML token-KL rows): (b, width, V)."""
+        if self.logits is not None:
+            return self.logits[rows, :width]
+        return self.head(self.hidden[rows, :width])
+
+
+_POSTPROCESSED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def split_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head of a model whose logits are exactly head(hidden states), else None: a
+    DDP/FSDP wrapper (one forward per backward through the wrapper), or a model that
+    scales or caps its logits after the head (those settings live in its config)."""
+    if hasattr(model, "module") or type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP")):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _POSTPROCESSED_LOGITS):
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def _bypassed(head: torch.nn.Module):
+    """The head returns its input while inside: the model's "logits" are its hidden states."""
+    head.forward = lambda hidden, *_, **__: hidden  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _chunk_stats(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """log p(target) and the entropy at n positions: hidden (n, H), targets (n,) -> (n,), (n,)."""
+    logits = head(hidden).float()  # (n, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logp, torch.zeros_like(logp)
+    return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = log Z - E_p[logit]
+
+
+def token_stats(model: torch.nn.Module, batch: Collated, chunk_tokens: int, entropy: bool = False) -> TokenStats:
+    """Per-token log-probs (and entropies) of the responses, logits computed `chunk_tokens`
+    positions at a time; chunk_tokens <= 0 (or a model whose head cannot be split off)
+    takes the plain path through full logits, with the same values."""
+    head = split_head(model) if chunk_tokens > 0 else None
+    if head is None:
+        logits = response_logits(model, batch)  # (B, R, V)
+        logp = token_logprobs(logits, batch.targets)
+        ent = losses.token_entropy(logits) if entropy else None
+        return TokenStats(logp, ent, logits=logits)
+    with _bypassed(head):
+        hidden = response_logits(model, batch)  # (B, R, H)
+    B, R = batch.targets.shape
+    where = batch.mask.reshape(-1).nonzero().squeeze(-1)  # response positions (no padding)
+    flat_hidden = hidden.reshape(B * R, -1)[where]  # (n, H)
+    flat_targets = batch.targets.reshape(-1)[where]  # (n,)
+    logps, ents = [], []
+    for start in range(0, len(where), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        args = (head, flat_hidden[part], flat_targets[part], entropy)
+        grad = torch.is_grad_enabled()
+        lp, en = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args)
+        logps.append(lp)
+        ents.append(en)
+
+    def placed(values: list[torch.Tensor]) -> torch.Tensor:  # back to (B, R), 0 at padding
+        return torch.zeros(B * R, device=hidden.device).index_put((where,), torch.cat(values)).view(B, R)
+
+    return TokenStats(placed(logps), placed(ents) if entropy else None, hidden=hidden, head=head)
+
+
 @torch.no_grad()
-def score_logprobs(model, items: list[TrainItem], token_budget: int, pad_id: int, autocast, field: str) -> None:
+def score_logprobs(
+    model, items: list[TrainItem], token_budget: int, pad_id: int, autocast, field: str, chunk_tokens: int = 0
+) -> None:
     """Fill `old_logprobs` or `ref_logprobs` of each item with a no-grad pass of `model`."""
     device = next(model.parameters()).device
     for idx in micro_batches(items, token_budget):
         batch = collate([items[i].prompt_ids for i in idx], [items[i].response_ids for i in idx], pad_id, device)
         with autocast():
-            logp = token_logprobs(response_logits(model, batch), batch.targets)  # (B, R)
+            logp = token_stats(model, batch, chunk_tokens).logp  # (B, R)
         for row, i in enumerate(idx):
             setattr(items[i], field, logp[row, : len(items[i].response_ids)].float().cpu())

@@ -211,6 +211,7 @@ def make_learner(s: Session, lr: float, total_steps: int) -> Learner:
         s.cfg.optim.grad_clip,
         s.counters,
         s.cfg.train.max_bad_steps,
+        s.cfg.train.logit_chunk_tokens,
     )
 
 

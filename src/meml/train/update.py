@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from meml.algo import objective
+from meml.algo import losses, objective
 from meml.algo.objective import LossSettings, TrainItem
-from meml.train.forward import Collated, collate, micro_batches, response_logits
+from meml.train.forward import Collated, collate, micro_batches, response_logits, token_stats
 
 log = logging.getLogger("meml")
 
@@ -35,30 +35,40 @@ class Learner:
     grad_clip: float  # max global grad norm; 0: no clipping
     counters: dict
     max_bad_steps: int  # for the warning; the loop stops the run
+    chunk_tokens: int = 0  # positions whose logits exist at once in the loss (train.logit_chunk_tokens); 0: all
 
 
 def micro_batch_loss(
-    model, items: list[TrainItem], batch: Collated, settings: LossSettings, autocast, pad_id: int
+    model, items: list[TrainItem], batch: Collated, settings: LossSettings, autocast, pad_id: int, chunk_tokens: int = 0
 ) -> tuple[torch.Tensor, dict]:
-    """The forward passes of one micro-batch, then algo/objective.py's loss on their logits."""
+    """The forward passes of one micro-batch, then algo/objective.py's loss on their per-token
+    log-probs (computed `chunk_tokens` positions at a time: train/forward.py)."""
     with autocast():
-        logits = response_logits(model, batch)  # (B, R, V)
-    teacher = None
-    rows = [b for b, it in enumerate(items) if it.teacher_prompt_ids is not None]
-    if rows:  # IML token-KL form: the strong expert's distribution over the same tokens
-        teacher_batch = collate(
-            [items[b].teacher_prompt_ids for b in rows],
-            [items[b].response_ids for b in rows],
-            pad_id,
-            batch.targets.device,
-        )
-        with torch.no_grad(), autocast():
-            teacher = (rows, response_logits(model, teacher_batch))  # (b, R', V)
-    return objective.micro_batch_loss(items, logits, batch.targets, batch.mask, settings, teacher)
+        stats = token_stats(model, batch, chunk_tokens, entropy=settings.needs_entropy)
+        kl = None
+        rows = [b for b, it in enumerate(items) if it.teacher_prompt_ids is not None]
+        if rows:  # IML token-KL form: the strong expert's distribution over the same tokens
+            teacher_batch = collate(
+                [items[b].teacher_prompt_ids for b in rows],
+                [items[b].response_ids for b in rows],
+                pad_id,
+                batch.targets.device,
+            )
+            with torch.no_grad():
+                teacher = response_logits(model, teacher_batch)  # (b, R', V)
+            width = teacher_batch.response_width
+            kl = (rows, losses.distribution_kl(teacher, stats.row_logits(rows, width)))  # (b, R')
+    return objective.micro_batch_loss(items, stats.logp, batch.mask, settings, stats.entropy, kl)
 
 
 def accumulate_gradients(
-    model, items: list[TrainItem], settings: LossSettings, token_budget: int, pad_id: int, accelerator
+    model,
+    items: list[TrainItem],
+    settings: LossSettings,
+    token_budget: int,
+    pad_id: int,
+    accelerator,
+    chunk_tokens: int = 0,
 ) -> dict:
     """Forward and backward every item in micro-batches; gradients add up in `.grad`.
 
@@ -78,7 +88,9 @@ def accumulate_gradients(
         last = n == len(groups) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
-            loss, stats = micro_batch_loss(model, batch_items, batch, settings, accelerator.autocast, pad_id)
+            loss, stats = micro_batch_loss(
+                model, batch_items, batch, settings, accelerator.autocast, pad_id, chunk_tokens
+            )
             # DDP averages gradients over ranks; the weights already hold global normalisers.
             accelerator.backward(loss * accelerator.num_processes)
         totals["loss"] += float(loss.detach())
