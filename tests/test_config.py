@@ -49,7 +49,7 @@ def test_wrong_type_is_rejected():
     "override, message",
     [
         (
-            "algo.loss=ppo",
+            "algo.loss=ppo_clipp",
             r"algo.loss='ppo_clipp' is not valid. Did you mean 'ppo_clip'\? Choose one of: cispo, gspo, ppo_clip, reinforce",
         ),
         ("algo.aggregation=token", r"algo.aggregation='token'.*Choose one of: constant, seq_mean, token_mean"),
