@@ -50,7 +50,8 @@ def test_wrong_type_is_rejected():
     [
         (
             "algo.loss=ppo_clipp",
-            r"algo.loss='ppo_clipp' is not valid. Did you mean 'ppo_clip'\? Choose one of: cispo, gspo, ppo_clip, reinforce",
+            r"algo.loss='ppo_clipp' is not valid. Did you mean 'ppo_clip'\? "
+            r"Choose one of: cispo, gspo, ppo_clip, reinforce",
         ),
         ("algo.aggregation=token", r"algo.aggregation='token'.*Choose one of: constant, seq_mean, token_mean"),
         ("rollout.backend=vlm", r"rollout.backend='vlm'.*Did you mean 'vllm'"),
