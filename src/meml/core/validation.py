@@ -38,6 +38,30 @@ def _count_or_null(field_name: str, value: int | None) -> None:
         raise ConfigError(f"{field_name}={value} must be >= 1, or null for no limit")
 
 
+def _check_dynamic_and_budget(cfg: Config) -> None:
+    """rollout.dynamic (dynamic sampling) and rollout.budget (the adaptive expert budget)."""
+    d, b, n = cfg.rollout.dynamic, cfg.rollout.budget, len(cfg.experts)
+    _choice("rollout.dynamic.refill", d.refill, ("questions", "experts"))
+    _positive("rollout.dynamic.max_rounds", d.max_rounds, allow_zero=True)
+    if d.enabled and d.refill == "experts" and (n < 2 or cfg.algo.advantage_grouping != "expert"):
+        raise ConfigError(
+            "rollout.dynamic.refill=experts refills a dead (question, expert) group under another expert: it needs "
+            f"at least two experts (this run has {n}) and algo.advantage_grouping=expert "
+            f"(is '{cfg.algo.advantage_grouping}'); or set rollout.dynamic.refill=questions"
+        )
+    _positive("rollout.budget.answers_per_question", b.answers_per_question)
+    _positive("rollout.budget.min_per_expert", b.min_per_expert)
+    _positive("rollout.budget.temperature", b.temperature)
+    _in_range("rollout.budget.smoothing", b.smoothing, 0.0, 1.0, high_open=False)
+    if b.smoothing == 0:
+        raise ConfigError("rollout.budget.smoothing=0 would never update the success averages: use (0, 1]")
+    if b.answers_per_question < n * b.min_per_expert:
+        raise ConfigError(
+            f"rollout.budget.answers_per_question={b.answers_per_question} cannot give each of the {n} experts "
+            f"rollout.budget.min_per_expert={b.min_per_expert} answers: raise it to at least {n * b.min_per_expert}"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Check values that types cannot; every message names the field to fix."""
     _choice("model.dtype", cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -102,6 +126,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.hsft.push_prob={a.hsft.push_prob} must be in [0, 1]")
     if a.iml.enabled and len(cfg.experts) < 2:
         raise ConfigError("algo.iml.enabled needs at least two experts; set algo.iml.enabled=false")
+    _check_dynamic_and_budget(cfg)
 
     if (
         r.temperature == 0

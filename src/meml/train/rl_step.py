@@ -1,10 +1,14 @@
 """One step of stage 2: MEML-GRPO's RIEL, or GRPO / Dr.GRPO (one expert, IML and HSFT off).
 
   1. take the step's questions (a seeded shuffle; each process gets its share)
-  2. roll out G answers per (question, expert) under the expert's system prompt
-  3. score them with the verifier and any reward functions
+  2. roll out G answers per (question, expert) under the expert's system prompt (or the
+     adaptive budget's split of A answers per question), and score them with the verifier
+     and any reward functions; with dynamic sampling, refill rounds sample more until the
+     step holds enough groups with reward spread (train/sampling.py)
+  3. update the adaptive budget's success averages, when it is on
   4. advantages: reward minus its group's mean (group: one draw of a question under one
-     expert, by default)
+     expert, by default); with dynamic sampling, groups without spread leave the policy
+     gradient (they still feed IML and HSFT)
   5. IML: per question drawn, the strongest expert's best answer is taught to the weakest
   6. HSFT: gold solutions of groups with too many wrong answers go to the buffer; a full
      buffer adds its SFT term to this step's loss and is emptied
@@ -21,64 +25,41 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
 
 from meml.algo import objective
 from meml.algo.advantages import group_advantages, group_index, group_keys
-from meml.algo.hsft import HardExample, should_push
+from meml.algo.budget import hsft_max_wrong
+from meml.algo.dynamic import informative_mask
+from meml.algo.hsft import HardExample, push_probability, should_push
 from meml.algo.iml import IMLPair, is_correct, select_pair
 from meml.algo.objective import LossSettings
-from meml.core.config import Config, RolloutConfig
+from meml.core.config import Config
 from meml.core.types import Episode, Example, Expert
-from meml.engines.base import Engine, SamplingParams, prompt_seed
 from meml.tasks.experts import response_ids
-from meml.tasks.rewards import score_episodes
 from meml.train.forward import score_logprobs
+from meml.train.sampling import Draw, collect, question_batch, roll_out, update_budget
 from meml.train.session import Session, global_sum, sync_rollout_weights
-from meml.train.step_metrics import rl_metrics
+from meml.train.step_metrics import budget_metrics, rl_metrics
 from meml.train.update import Learner, optimizer_step
 
-
-@dataclass(frozen=True)
-class Draw:
-    """One question drawn for a step: its position in the step's batch (over all processes)
-    and how many times it was drawn earlier in the same step (0 almost always)."""
-
-    slot: int
-    example: Example
-    repeat: int = 0
+__all__ = ["Draw", "question_batch", "rl_step", "roll_out"]  # Draw, question_batch, roll_out live in train/sampling.py
 
 
 def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     cfg = s.cfg
     t0 = time.perf_counter()
-    draws = question_batch(
-        s.train_examples,
-        cfg.seed,
-        step,
-        cfg.train.questions_per_step,
-        s.accelerator.process_index,
-        s.accelerator.num_processes,
-    )
-    episodes = roll_out(s.engine, s.prompt, draws, len(s.experts), cfg.rollout, cfg.seed, step)
-    t_gen = time.perf_counter()
-    reward_stats = score_episodes(
-        episodes,
-        s.examples_by_id,
-        s.task,
-        [e.name for e in s.experts],
-        s.task.format_instruction,
-        cfg.reward.use_verifier,
-        s.reward_functions,
-        cfg.reward.timeout_s,
-    )
+    b = cfg.rollout.budget
+    sizes = s.budget.split(b.answers_per_question, b.min_per_expert, b.temperature) if s.budget else None
+    rollouts = collect(s, step, sizes)  # this process's draws and scored episodes, refill rounds included
+    draws, episodes, reward_stats = rollouts.draws, rollouts.episodes, rollouts.reward_stats
     s.counters["reward_failures"] += reward_stats.failures
+    rates = update_budget(s, episodes) if s.budget else None
     rewards = torch.tensor([float("nan") if e.reward is None else e.reward for e in episodes])  # (N,)
-    groups = group_index(group_keys(episodes, cfg.algo.advantage_grouping))  # (N,)
-    advantages = group_advantages(rewards, groups, cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
+    keys = group_keys(episodes, cfg.algo.advantage_grouping)
+    advantages = group_advantages(rewards, group_index(keys), cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
     by_slot = episodes_by_slot(episodes)
     pairs = (
         [p for eps in by_slot.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))]
@@ -93,81 +74,32 @@ def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
         for item in gather_object(pushed) if s.accelerator.num_processes > 1 else pushed:
             s.buffer.push(item)
     flushed = s.buffer.flush()[s.accelerator.process_index :: s.accelerator.num_processes] if s.buffer.ready() else []
+    pg_episodes, pg_advantages = episodes, advantages
+    if cfg.rollout.dynamic.enabled:  # groups without reward spread leave the policy gradient (and its normaliser)
+        live = informative_mask(episodes, keys)
+        pg_episodes = [e for e, keep in zip(episodes, live) if keep]
+        pg_advantages = advantages[torch.tensor(live, dtype=torch.bool)]
+    num_draws = sum(d.experts is None for d in draws)  # draws under every expert: where IML can fire
     t_score = time.perf_counter()
-    stats = update_policy(s, learner, episodes, advantages, pairs, flushed, reference, step, num_draws=len(by_slot))
+    stats = update_policy(s, learner, pg_episodes, pg_advantages, pairs, flushed, reference, step, num_draws)
     sync_rollout_weights(s)
     t_end = time.perf_counter()
     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
         log_samples(s, episodes, step)
     timing = {
         "step_time_s": t_end - t0,
-        "time/generate_s": t_gen - t0,
-        "time/score_s": t_score - t_gen,
+        "time/generate_s": rollouts.generate_s,
+        "time/score_s": t_score - t0 - rollouts.generate_s,
         "time/update_s": t_end - t_score,
     }
-    return rl_metrics(
-        episodes,
-        advantages,
-        pairs,
-        pushed,
-        s.buffer,
-        stats,
-        reward_stats,
-        timing,
-        [e.name for e in s.experts],
-        s.accelerator,
+    names = [e.name for e in s.experts]
+    metrics = rl_metrics(
+        episodes, advantages, pairs, pushed, s.buffer, stats, reward_stats, timing, names, s.accelerator
     )
-
-
-def question_batch(
-    examples: list[Example], seed: int, step: int, per_step: int, rank: int = 0, world: int = 1
-) -> list[Draw]:
-    """This process's share of the 1-based step's questions (a seeded shuffle per epoch)."""
-    n = len(examples)
-    start = (step - 1) * per_step
-    chosen: list[Draw] = []
-    for slot, pos in enumerate(range(start, start + per_step)):
-        epoch, i = divmod(pos, n)
-        order = list(range(n))
-        random.Random(f"{seed}:questions:{epoch}").shuffle(order)
-        example = examples[order[i]]
-        chosen.append(Draw(slot, example, sum(d.example.id == example.id for d in chosen)))
-    return chosen[rank::world]
-
-
-def roll_out(
-    engine: Engine,
-    prompt: Callable[[Example, int], list[int]],
-    draws: list[Draw],
-    num_experts: int,
-    cfg: RolloutConfig,
-    seed: int,
-    step: int,
-) -> list[Episode]:
-    """G answers per (draw, expert); the group id numbers the (slot, expert) pairs."""
-    pairs = [(d, e) for d in draws for e in range(num_experts)]
-    prompts = [prompt(d.example, e) for d, e in pairs]
-    params = SamplingParams(cfg.num_generations_per_expert, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed)
-    # one seed per (question, expert, repeat): samples do not depend on batching or the process count
-    seeds = [prompt_seed(seed, step, d.example.id, e, *([d.repeat] if d.repeat else [])) for d, e in pairs]
-    generations = engine.generate(prompts, params, seeds)
-    episodes = []
-    for (d, e), prompt_ids, group in zip(pairs, prompts, generations):
-        for g in group:
-            episodes.append(
-                Episode(
-                    d.example.id,
-                    e,
-                    d.slot * num_experts + e,
-                    d.slot,
-                    prompt_ids,
-                    g.token_ids,
-                    g.text,
-                    g.finished,
-                    g.logprobs,
-                )
-            )
-    return episodes
+    metrics.update(rollouts.dynamic)
+    if sizes is not None:
+        metrics.update(budget_metrics(sizes, rates, names))
+    return metrics
 
 
 def episodes_by_slot(episodes: list[Episode]) -> dict[int, list[Episode]]:
@@ -186,17 +118,20 @@ def hard_examples(
     gold: Callable[[Example, int, list[Episode]], list[int] | None],
     prompt: Callable[[Example, int], list[int]],
 ) -> list[HardExample]:
-    """Gold solutions of the (draw, expert) groups with more than K of G answers wrong, each
-    pushed with probability p (algo/hsft.py); the draws come from an RNG keyed by the
-    question and expert, so they do not depend on the process count."""
+    """Gold solutions of the (draw, expert) groups with more than K of G answers wrong (a group
+    of n answers: more than K n / G, algo/budget.py), each pushed with probability p
+    (algo/hsft.py); the draws come from an RNG keyed by the question and expert, so they do not
+    depend on the process count."""
     h, G = cfg.algo.hsft, cfg.rollout.num_generations_per_expert
+    p = push_probability(h.max_wrong, G, h.push_prob)
     pushed = []
     for d in draws:
         eps = by_slot[d.slot]
-        for e in range(len(experts)):
-            rng = random.Random(f"{cfg.seed}:hsft:{step}:{d.example.id}:{e}" + (f":{d.repeat}" if d.repeat else ""))
+        for e in d.experts if d.experts is not None else range(len(experts)):
+            rng = random.Random(f"{cfg.seed}:hsft:{step}:{d.example.id}:{e}" + "".join(f":{x}" for x in d.seed_parts()))
+            size = sum(1 for x in eps if x.expert == e)
             wrong = sum(1 for x in eps if x.expert == e and x.reward is not None and not is_correct(x))
-            if not should_push(wrong, G, h.max_wrong, h.push_prob, rng):
+            if not should_push(wrong, size, hsft_max_wrong(h.max_wrong, G, size), p, rng):
                 continue
             response = gold(d.example, e, eps)
             if response is not None:

@@ -25,6 +25,8 @@ def save(s: Session, stage: str, step: int, optimizer, scheduler, reference=None
         "counters": dict(s.counters),
         "position": _position(s, stage, step),
     }
+    if s.budget is not None:  # the adaptive expert budget's success averages
+        state["budget"] = s.budget.state_dict()
     if reference is not None:  # only what training changes (the adapter under LoRA)
         trainable = {n for n, p in s.unwrapped.named_parameters() if p.requires_grad}
         state["reference"] = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if n in trainable}
@@ -64,4 +66,6 @@ def restore(s: Session, state: dict, optimizer, scheduler) -> None:
     scheduler.load_state_dict(state["scheduler"])
     s.buffer.load_state_dict(state["buffer"])
     s.counters.update(state["counters"])
+    if s.budget is not None and "budget" in state:
+        s.budget.load_state_dict(state["budget"])
     set_rng_state(state["rng"])

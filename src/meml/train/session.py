@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
+from meml.algo.budget import ExpertBudget
 from meml.algo.hsft import HardExampleBuffer
 from meml.core.config import Config
 from meml.core.errors import ModelLoadError
@@ -68,7 +69,8 @@ class Workload:
 @dataclass
 class Session(Workload):
     """A Workload with its model: the policy as accelerate prepared it (maybe DDP/FSDP-
-    wrapped), its tokenizer, the rollout engine, the logger, the HSFT buffer, the counters."""
+    wrapped), its tokenizer, the rollout engine, the logger, the HSFT buffer, the counters,
+    the adaptive expert budget's state."""
 
     accelerator: Accelerator
     tokenizer: PreTrainedTokenizerBase
@@ -80,6 +82,7 @@ class Session(Workload):
         default_factory=lambda: {"bad_streak": 0, "skipped_updates": 0, "reward_failures": 0}
     )
     stop_requested: bool = False  # set by SIGTERM/SIGINT: save at the end of the step and exit
+    budget: ExpertBudget | None = None  # the adaptive expert budget's state (rollout.budget); None when off
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -202,6 +205,7 @@ def attach_model(work: Workload, source: str | None = None) -> Session:
         engine=engine,
         logger=logger,
         buffer=HardExampleBuffer(cfg.algo.hsft.buffer_size),
+        budget=ExpertBudget(len(work.experts)) if cfg.rollout.budget.enabled else None,
     )
 
 

@@ -13,6 +13,16 @@ hsft/pushed, hsft/pushed/<e>, hsft/buffer, hsft/flushes, hsft/loss
 loss, pg_loss, kl, clip_frac, grad_norm, lr, skipped_updates
 completion_len, truncated_frac, reward_failures, verifier_abstained
 tokens_per_s (completion tokens / step time), gen_tokens_per_s, step_time_s, time/*
+                                      (every answer the step sampled, refills included)
+With rollout.dynamic.enabled (train/sampling.py), over all processes:
+dynamic/rounds                        refill rounds the step ran
+dynamic/extra_rollouts                answers sampled by refills, beyond the step's own
+dynamic/dropped_groups                baseline groups without reward spread, left out of the
+                                      policy gradient (own and refill groups)
+dynamic/informative_groups            baseline groups the policy gradient used
+With rollout.budget.enabled:
+budget/<e>                            expert e's share of the answers per question this step
+budget/success/<e>                    its success average after this step (the next split's input)
 """
 
 from __future__ import annotations
@@ -103,4 +113,13 @@ def rl_metrics(
     m["tokens_per_s"] = sum(lengths) / timing["step_time_s"]
     m["gen_tokens_per_s"] = sum(lengths) / max(1e-9, timing["time/generate_s"])
     m.update(timing)
+    return m
+
+
+def budget_metrics(sizes: list[int], rates: list[float], names: list[str]) -> dict:
+    """The adaptive budget's split this step (as shares of the answers per question) and the
+    success averages the next split will use."""
+    total = sum(sizes)
+    m = {f"budget/{name}": n / total for name, n in zip(names, sizes)}
+    m.update({f"budget/success/{name}": r for name, r in zip(names, rates)})
     return m
