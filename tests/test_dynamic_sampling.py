@@ -174,3 +174,17 @@ def test_without_dynamic_sampling_nothing_is_dropped_or_refilled(make_session, m
     right = sum(len(it.response_ids) for it in pg)
     # every group counts in the token mean: 2 right answers and 10 wrong ones
     assert sum(it.weight * len(it.response_ids) for it in pg) == pytest.approx(right / (right + 10 * _wrong_len(s)))
+
+
+def test_one_expert_refills_with_questions(tiny_model_dir, tmp_path):
+    """GRPO's one expert (expert 0 of the scripted engine) is always wrong: every group is
+    dead, so each of the 3 rounds draws the cap, Q fresh questions, and nothing is trained.
+    With pooled baselines (algo.advantage_grouping=question) a draw is one group."""
+    settings = {"sft.enabled": "false", "rollout.dynamic.enabled": "true", "algo.advantage_grouping": "question"}
+    cfg = load_config("grpo", tiny_overrides(tiny_model_dir, tmp_path, **settings, **{"experts.0.name": "x"}))
+    s = open_session(cfg)
+    s.engine = HalfRightEngine(s)
+    m = riel.rl_step(s, 1, make_learner(s, 1e-4, 1), None)
+    assert m["dynamic/rounds"] == 3 and m["dynamic/extra_rollouts"] == 3 * 2 * 2  # 3 rounds x Q = 2 x G = 2
+    assert m["dynamic/informative_groups"] == 0 and m["dynamic/dropped_groups"] == 8
+    assert m["trained_sequences"] == 0

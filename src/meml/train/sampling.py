@@ -178,9 +178,9 @@ def collect(s: Session, step: int, sizes: list[int] | None) -> StepRollouts:
     dropped, kept, extra = global_sum(s, [sum(g.dead for g in final), sum(not g.dead for g in final), extra])
     out.dynamic = {
         "dynamic/rounds": rounds,
-        "dynamic/extra_rollouts": extra,
-        "dynamic/dropped_groups": dropped,
-        "dynamic/informative_groups": kept,
+        "dynamic/extra_rollouts": int(extra),
+        "dynamic/dropped_groups": int(dropped),
+        "dynamic/informative_groups": int(kept),
     }
     return out
 
