@@ -115,14 +115,14 @@ def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_sav
 ):
     first, later = tmp_path / "first", tmp_path / "later"
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.train.rl_step, "score_episodes", 1, ValueError("a bug"))
+        _fail_on_call(m, meml.train.rl_step, "collect", 1, ValueError("a bug"))
         assert main(_args(tiny_model_dir, first)) == 1
     err = capsys.readouterr().err
     assert "error: rl step 1 failed at train/rl_step.py:" in err and "in rl_step" in err and "ValueError: a bug" in err
     assert "No rl step of this start had finished, so there was nothing new to save" in err
     assert ckpt.list_checkpoints(first) == []
     with monkeypatch.context() as m:
-        _fail_on_call(m, meml.train.rl_step, "score_episodes", 3, ValueError("a bug"))
+        _fail_on_call(m, meml.train.rl_step, "collect", 3, ValueError("a bug"))
         assert main(_args(tiny_model_dir, later, **{"checkpoint.every_steps": 1})) == 1
     err = capsys.readouterr().err
     assert f"The state at the end of rl step 2 is in {later / 'checkpoints' / 'rl-000002'}" in err
@@ -130,7 +130,7 @@ def test_a_failure_in_the_first_step_or_with_the_previous_checkpoint_on_disk_sav
 
 
 def test_a_keyboard_interrupt_inside_a_step_is_not_a_step_failure(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _fail_on_call(monkeypatch, meml.train.rl_step, "score_episodes", 2, KeyboardInterrupt())
+    _fail_on_call(monkeypatch, meml.train.rl_step, "collect", 2, KeyboardInterrupt())
     assert main(_args(tiny_model_dir, tmp_path, **{"checkpoint.every_steps": 0})) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "failed" not in err
