@@ -86,3 +86,24 @@ def test_matches_a_slow_loop_oracle():
         var = sum((m - mean) ** 2 for m in members) / max(1, len(members) - 1)
         expected = (rewards[i].item() - mean) / (math.sqrt(var) + 1e-4)
         assert fast[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_pass_k_advantage_by_hand():
+    from meml.algo.advantages import ADVANTAGE_ESTIMATORS, best_of_group_advantages
+
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, float("nan"), 0.5, 0.2])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    out = best_of_group_advantages(rewards, groups).tolist()
+    # group 0: one right answer -> +1 for it; group 1: two right -> best minus second = 0;
+    # group 2: all wrong -> 0; group 3: NaN left out, 0.5 - 0.2 for the best
+    assert out == pytest.approx([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0])
+    same = ADVANTAGE_ESTIMATORS.get("pass_k")(rewards, groups, True, True)
+    assert same.tolist() == pytest.approx(out)
+
+
+def test_overlong_penalty_ramp_by_hand():
+    from meml.algo.shaping import overlong_penalty
+
+    assert [overlong_penalty(n, 128, 32) for n in (96, 97, 112, 128)] == pytest.approx([0.0, -1 / 32, -0.5, -1.0])
+    assert overlong_penalty(128, 128, 0) == 0.0  # off
+    assert overlong_penalty(120, 128, 32, scale=0.5) == pytest.approx(-0.5 * 24 / 32)

@@ -24,9 +24,13 @@ ALGORITHM_PRESETS = [p for p in list_presets() if not p.startswith("task_")]
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
+# what a preset needs beyond tiny_overrides to make sense at 12 new tokens
+PRESET_EXTRAS = {"dapo": {"reward.overlong_buffer": 4}}
+
+
 @pytest.mark.parametrize("preset", ALGORITHM_PRESETS)
 def test_every_preset_runs_two_steps(preset, tiny_model_dir, tmp_path):
-    cfg = load_config(preset, tiny_overrides(tiny_model_dir, tmp_path))
+    cfg = load_config(preset, tiny_overrides(tiny_model_dir, tmp_path, **PRESET_EXTRAS.get(preset, {})))
     train(cfg, preset)
     if cfg.train.steps:
         rl = _records(tmp_path, "rl")
@@ -90,3 +94,31 @@ def test_reward_function_columns_follow_trl_contract(tiny_model_dir, tmp_path):
     )
     train(load_config("grpo", overrides), "grpo")
     assert all(r["reward/mean"] >= 0.5 for r in _records(tmp_path, "rl"))
+
+
+@pytest.mark.parametrize(
+    "preset, keys",
+    [
+        (
+            "dapo",
+            ["dynamic/rounds", "dynamic/extra_rollouts", "dynamic/dropped_groups", "reward/overlong", "entropy/tutor"],
+        ),
+        ("adaptive_budget", ["budget/tutor", "budget/algebraist", "budget/checker", "entropy/checker"]),
+        ("gspo", ["clip_frac", "entropy/algebraist"]),
+        ("cispo", ["clip_frac", "entropy/tutor"]),
+    ],
+)
+def test_the_toolkit_presets_log_their_metrics(preset, keys, tiny_model_dir, tmp_path):
+    """Each sparse-reward feature's metrics reach metrics.jsonl (a length-parity reward gives
+    the groups a spread, so the policy gradient and its entropy statistics are there)."""
+    extra = {
+        **PRESET_EXTRAS.get(preset, {}),
+        "reward.use_verifier": "false",
+        "reward.functions": "[reward_fns:length_parity]",
+    }
+    cfg = load_config(preset, tiny_overrides(tiny_model_dir, tmp_path, **extra))
+    train(cfg, preset)
+    rl = _records(tmp_path, "rl")
+    assert len(rl) == 2
+    for key in keys:
+        assert all(key in r and math.isfinite(r[key]) for r in rl), key

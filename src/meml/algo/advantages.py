@@ -12,6 +12,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from meml.core.registry import Registry
 from meml.core.types import Episode
 
 
@@ -58,3 +59,34 @@ def group_advantages(
     if positive_only:
         centred = centred.clamp(min=0)
     return centred.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def best_of_group_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """pass@k-style advantage (verl's `grpo_passk`): in each group only the best answer gets
+    a non-zero advantage, its reward minus the group's second-best; every other answer 0.
+    With 0/1 rewards a group teaches only when exactly one answer is right: that answer
+    then gets +1. Ties for the best go to the first. Missing rewards (NaN) take no part.
+
+    >>> best_of_group_advantages(torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 0, 1, 1])).tolist()
+    [0.0, 1.0, 0.0, 0.0, 0.0]
+    """
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    for g in groups.unique().tolist():
+        members = [i for i in (groups == g).nonzero().flatten().tolist() if not torch.isnan(rewards[i])]
+        if len(members) < 2:
+            continue
+        ranked = sorted(members, key=lambda i: -float(rewards[i]))  # stable: the first of equal rewards leads
+        out[ranked[0]] = float(rewards[ranked[0]] - rewards[ranked[1]])
+    return out
+
+
+def _group_mean(rewards, groups, std_normalize, positive_only):
+    return group_advantages(rewards, groups, std_normalize, positive_only)
+
+
+def _best_of_group(rewards, groups, std_normalize, positive_only):
+    return best_of_group_advantages(rewards, groups)  # >= 0 already; no std
+
+
+# algo.advantage_estimator: (rewards, groups, std_normalize, positive_only) -> advantages
+ADVANTAGE_ESTIMATORS = Registry("algo.advantage_estimator", {"group_mean": _group_mean, "pass_k": _best_of_group})

@@ -98,6 +98,10 @@ class RewardConfig:
     functions: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     timeout_s: float = 30.0  # per reward-function call; a timeout gives None, not a crash
+    # DAPO's soft overlong punishment (algo/shaping.py): a ramp from 0 to -overlong_penalty over
+    # the last overlong_buffer tokens before rollout.max_new_tokens; 0: off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -148,7 +152,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
-    sequences_per_generate: int = 48  # sequences per generate call (formerly rollout.sequences_per_generate)
+    sequences_per_generate: int = 48  # sequences per generate call (formerly rollout.batch_size)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     dynamic: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -177,13 +181,28 @@ class HSFTConfig:
 
 
 @dataclass
+class EntropyConfig:
+    """Per-token entropy of the policy on its own answers (cheap: from the logits the update computes)."""
+
+    log: bool = True  # entropy/<expert> in metrics.jsonl
+    coef: float = 0.0  # an entropy bonus: the loss gets -coef * H on policy-gradient tokens
+    # train the PG term only on this top share of tokens by entropy (TRL's top_entropy_quantile); 1: all
+    top_quantile: float = 1.0
+
+
+@dataclass
 class AlgorithmConfig:
     # How episodes are grouped for the baseline: per (question, expert) as in the paper,
     # or pooled over all experts of a question.
     advantage_grouping: str = "expert"  # expert | question
     std_normalize: bool = False  # divide by the group's reward std (GRPO) or not (Dr.GRPO, MEML)
     positive_only: bool = True  # A+ = max(A, 0): reinforce good answers, never push down wrong ones
-    loss: str = "reinforce"  # reinforce (on-policy, no ratio) | ppo_clip
+    # group_mean (A = r - group mean, as above) | pass_k (only each group's best answer: its
+    # reward minus the second best; verl's grpo_passk)
+    advantage_estimator: str = "group_mean"
+    mask_truncated: bool = False  # leave answers cut at max_new_tokens out of the PG term (DAPO's overlong filtering)
+    # reinforce (on-policy, no ratio) | ppo_clip | gspo (one ratio per sequence) | cispo (clipped IS weight)
+    loss: str = "reinforce"
     aggregation: str = "token_mean"  # token_mean | seq_mean | constant (Dr.GRPO: / (N * max_new_tokens))
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
@@ -194,6 +213,7 @@ class AlgorithmConfig:
     # q = the rollout engine's sampling log-prob (vLLM reports it; transformers does not,
     # and its tokens get weight 1). 0 = off. 2 is a common cap.
     tis_cap: float = 0.0
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
     iml: IMLConfig = field(default_factory=IMLConfig)
     hsft: HSFTConfig = field(default_factory=HSFTConfig)
 
@@ -230,7 +250,7 @@ class SFTConfig:
     enabled: bool = True
     epochs: float = 1.0
     lr: float = 5e-5
-    sequences_per_step: int = 16  # traces per optimizer step (formerly sft.sequences_per_step)
+    sequences_per_step: int = 16  # traces per optimizer step (formerly sft.batch_size)
     max_examples: int | None = 96  # questions used (each gives one trace per expert)
     experts: list[str] = field(default_factory=list)  # names of experts to train; empty = all
 
@@ -242,9 +262,8 @@ class EvalConfig:
     after_mef: bool = True  # also after stage 1, when stage 2 follows: what each stage contributed
     every_steps: int = 0  # also evaluate every N RL steps; 0 = off
     max_new_tokens: int = 160
-    questions_per_batch: int = (
-        64  # questions per generation batch; `meml eval` appends records after each (formerly eval.questions_per_batch)
-    )
+    # questions per generation batch; `meml eval` appends records after each (formerly eval.batch_size)
+    questions_per_batch: int = 64
     # Sampled answers per (question, expert) at rollout.temperature/top_p, for pass@k, the
     # compute-matched coverage and zero-signal estimates; 0 = greedy only.
     samples: int = 0

@@ -102,14 +102,23 @@ def validate(cfg: Config) -> None:
     _positive("rollout.temperature", r.temperature, allow_zero=True)
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
-    if not 0 <= a.clip_eps_low < 1:
-        raise ConfigError(f"algo.clip_eps_low={a.clip_eps_low} must be in [0, 1)")
+    if not 0 <= a.clip_eps_low <= 1:  # 1: no lower clip (the ratio's floor is 0)
+        raise ConfigError(f"algo.clip_eps_low={a.clip_eps_low} must be in [0, 1]")
     _positive("algo.clip_eps_high", a.clip_eps_high, allow_zero=True)
     _positive("algo.ppo_epochs", a.ppo_epochs)
     _positive("algo.mini_batches", a.mini_batches)
     _positive("algo.kl_coef", a.kl_coef, allow_zero=True)
     _positive("algo.tis_cap", a.tis_cap, allow_zero=True)
-    if a.loss == "reinforce" and (a.ppo_epochs > 1 or a.mini_batches > 1):
+    _positive("algo.entropy.coef", a.entropy.coef, allow_zero=True)
+    if not 0 < a.entropy.top_quantile <= 1:
+        raise ConfigError(f"algo.entropy.top_quantile={a.entropy.top_quantile} must be in (0, 1] (1: every token)")
+    _positive("reward.overlong_buffer", cfg.reward.overlong_buffer, allow_zero=True)
+    if cfg.reward.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be below rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens} (the ramp ends at the limit)"
+        )
+    if a.loss == "reinforce" and (a.ppo_epochs > 1 or a.mini_batches > 1):  # the others take a ratio
         raise ConfigError(
             "algo.loss=reinforce is on-policy: it takes one update per rollout batch. "
             "Set algo.loss=ppo_clip to use algo.ppo_epochs/algo.mini_batches > 1."

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from meml.algo.advantages import ADVANTAGE_ESTIMATORS
 from meml.algo.losses import POLICY_LOSSES
 from meml.algo.objective import AGGREGATIONS
 from meml.core.config import Config
@@ -36,6 +37,7 @@ def check_choices(cfg: Config) -> None:
         (ENGINES, cfg.rollout.backend),
         (POLICY_LOSSES, cfg.algo.loss),
         (AGGREGATIONS, cfg.algo.aggregation),
+        (ADVANTAGE_ESTIMATORS, cfg.algo.advantage_estimator),
     ):
         registry.get(value)
 

@@ -30,7 +30,7 @@ import torch
 from accelerate.utils import gather_object
 
 from meml.algo import objective
-from meml.algo.advantages import group_advantages, group_index, group_keys
+from meml.algo.advantages import ADVANTAGE_ESTIMATORS, group_index, group_keys
 from meml.algo.budget import hsft_max_wrong
 from meml.algo.dynamic import informative_mask
 from meml.algo.hsft import HardExample, push_probability, should_push
@@ -42,7 +42,7 @@ from meml.tasks.experts import response_ids
 from meml.train.forward import score_logprobs
 from meml.train.sampling import Draw, collect, question_batch, roll_out, update_budget
 from meml.train.session import Session, global_sum, sync_rollout_weights
-from meml.train.step_metrics import budget_metrics, rl_metrics
+from meml.train.step_metrics import budget_metrics, entropy_metrics, rl_metrics
 from meml.train.update import Learner, optimizer_step
 
 __all__ = ["Draw", "question_batch", "rl_step", "roll_out"]  # Draw, question_batch, roll_out live in train/sampling.py
@@ -59,7 +59,8 @@ def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     rates = update_budget(s, episodes) if s.budget else None
     rewards = torch.tensor([float("nan") if e.reward is None else e.reward for e in episodes])  # (N,)
     keys = group_keys(episodes, cfg.algo.advantage_grouping)
-    advantages = group_advantages(rewards, group_index(keys), cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
+    estimator = ADVANTAGE_ESTIMATORS.get(cfg.algo.advantage_estimator)
+    advantages = estimator(rewards, group_index(keys), cfg.algo.std_normalize, cfg.algo.positive_only)  # (N,)
     by_slot = episodes_by_slot(episodes)
     pairs = (
         [p for eps in by_slot.values() if (p := select_pair(eps, len(s.experts), cfg.algo.iml.answer_choice))]
@@ -97,6 +98,10 @@ def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
         episodes, advantages, pairs, pushed, s.buffer, stats, reward_stats, timing, names, s.accelerator
     )
     metrics.update(rollouts.dynamic)
+    metrics.update(entropy_metrics(stats, names))
+    if cfg.reward.overlong_buffer > 0:
+        total, count = global_sum(s, [sum(e.reward_breakdown.get("overlong", 0.0) for e in episodes), len(episodes)])
+        metrics["reward/overlong"] = total / max(1.0, count)
     if sizes is not None:
         metrics.update(budget_metrics(sizes, rates, names))
     return metrics
@@ -166,8 +171,17 @@ def update_policy(
     IML and HSFT terms join the first optimizer step of the batch only.
     """
     a, cfg = s.cfg.algo, s.cfg
-    settings = LossSettings(a.loss, a.clip_eps_low, a.clip_eps_high, a.kl_coef, a.tis_cap)
-    order = list(range(len(episodes)))
+    settings = LossSettings(
+        a.loss,
+        a.clip_eps_low,
+        a.clip_eps_high,
+        a.kl_coef,
+        a.tis_cap,
+        a.entropy.coef,
+        a.entropy.top_quantile,
+        num_experts=len(s.experts) if a.entropy.log else 0,
+    )
+    order = objective.trained_indices(episodes, range(len(episodes)), a.mask_truncated)
     if a.mini_batches > 1:
         random.Random(f"{cfg.seed}:minibatch:{step}").shuffle(order)
     chunks = [order[c :: a.mini_batches] for c in range(a.mini_batches)]
@@ -189,10 +203,11 @@ def update_policy(
         )
     flat = [it for chunk in pg for it in chunk]
     pad, budget, autocast = s.tokenizer.pad_token_id, cfg.train.micro_batch_tokens, s.accelerator.autocast
-    if a.loss == "ppo_clip" and (a.ppo_epochs > 1 or a.mini_batches > 1):
-        score_logprobs(s.policy, flat, budget, pad, autocast, "old_logprobs")
+    chunk = cfg.train.logit_chunk_tokens
+    if a.loss != "reinforce" and (a.ppo_epochs > 1 or a.mini_batches > 1):  # the ratio's denominator
+        score_logprobs(s.policy, flat, budget, pad, autocast, "old_logprobs", chunk)
     if reference is not None:
-        score_logprobs(reference, flat, budget, pad, autocast, "ref_logprobs")
+        score_logprobs(reference, flat, budget, pad, autocast, "ref_logprobs", chunk)
     extra = iml_items(s, pairs, num_draws) + hsft_items(s, hard)
     totals: dict[str, float] = {}
     updates = 0

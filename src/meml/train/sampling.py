@@ -19,6 +19,7 @@ from accelerate.utils import gather_object
 
 from meml.algo.dynamic import expert_refills, fresh_questions, group_stats
 from meml.algo.iml import is_correct
+from meml.algo.shaping import overlong_penalty
 from meml.core.config import RolloutConfig
 from meml.core.types import Episode, Example
 from meml.engines.base import Engine, SamplingParams, prompt_seed
@@ -139,6 +140,10 @@ def collect(s: Session, step: int, sizes: list[int] | None) -> StepRollouts:
             s.reward_functions,
             cfg.reward.timeout_s,
         )
+        if cfg.reward.overlong_buffer > 0:
+            shape_overlong(
+                episodes, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer, cfg.reward.overlong_penalty
+            )
         out.reward_stats.failures += stats.failures
         out.reward_stats.abstentions += stats.abstentions
         out.reward_stats.failed_ids += stats.failed_ids
@@ -197,3 +202,13 @@ def update_budget(s: Session, episodes: list[Episode]) -> list[float]:
     counts = global_sum(s, correct + answers)
     s.budget.update([int(c) for c in counts[:n]], [int(a) for a in counts[n:]], b.smoothing)
     return list(s.budget.rates)
+
+
+def shape_overlong(episodes: list[Episode], max_new_tokens: int, buffer: int, scale: float) -> None:
+    """DAPO's soft overlong punishment (algo/shaping.py) added to each scored reward; the
+    breakdown keeps it as "overlong"."""
+    for e in episodes:
+        penalty = overlong_penalty(len(e.completion_ids), max_new_tokens, buffer, scale)
+        e.reward_breakdown["overlong"] = penalty
+        if e.reward is not None and penalty:
+            e.reward += penalty

@@ -123,3 +123,16 @@ def budget_metrics(sizes: list[int], rates: list[float], names: list[str]) -> di
     m = {f"budget/{name}": n / total for name, n in zip(names, sizes)}
     m.update({f"budget/success/{name}": r for name, r in zip(names, rates)})
     return m
+
+
+def entropy_metrics(stats: dict, names: list[str]) -> dict:
+    """entropy/<expert>: the mean per-token entropy of the policy on that expert's trained
+    answers (algo.entropy.log); entropy/kept_tokens: tokens the top-entropy rule kept."""
+    out = {}
+    for e, name in enumerate(names):
+        tokens = stats.get(f"entropy_tokens/{e}", 0.0)
+        if f"entropy_sum/{e}" in stats:
+            out[f"entropy/{name}"] = stats[f"entropy_sum/{e}"] / tokens if tokens else 0.0
+    if stats.get("entropy_kept_tokens"):
+        out["entropy/kept_tokens"] = stats["entropy_kept_tokens"]
+    return out
