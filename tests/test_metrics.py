@@ -200,3 +200,30 @@ def test_paired_bootstrap_reselects_the_best_expert_per_resample():
 
 def test_prob_all_wrong_shapes():
     assert prob_all_wrong(np.zeros((0, 3), dtype=int), np.zeros((0, 3), dtype=int), 2).shape == (0, 3)
+
+
+def test_split_pass_by_hand_and_against_the_equal_split():
+    from meml.eval.metrics import mixture_pass, split_pass
+
+    n, c = np.array([[4, 4, 4]]), np.array([[1, 0, 2]])
+    # 2 from expert 0 (none right: C(3,2)/C(4,2) = 1/2), 0 from expert 1, 1 from expert 2 (2/4 wrong)
+    assert split_pass(n, c, [2, 0, 1])[0] == pytest.approx(1 - 0.5 * 1.0 * 0.5)
+    assert split_pass(n, c, [2, 2, 2]) == pytest.approx(mixture_pass(n, c, 2))
+
+
+def test_budget_coverage_compares_with_the_better_of_uniform_and_the_best_single_expert():
+    from meml.eval.metrics import budget_coverage
+
+    # expert a is right on question 1 only, expert b on question 2 only (12 samples each, 6 right)
+    n = np.array([[12, 12], [12, 12]])
+    c = np.array([[6, 0], [0, 6]])
+    r = budget_coverage(n, c, ["a", "b"], [6, 6], resamples=200)
+    # uniform = the split here: 1 - C(6,6)/C(12,6) on each question; a single expert covers one question
+    p6 = 1 - 1 / 924
+    assert r.coverage == pytest.approx(p6) and r.uniform == pytest.approx(p6)
+    assert r.single == pytest.approx({"a": 0.5, "b": 0.5})
+    assert r.gain == pytest.approx(0.0)  # the split is the uniform one
+    lopsided = budget_coverage(n, c, ["a", "b"], [12, 0], resamples=200)
+    assert lopsided.coverage == pytest.approx(0.5) and lopsided.gain == pytest.approx(0.5 - p6)
+    with pytest.raises(ValueError, match="needs >= 12 samples"):
+        budget_coverage(np.array([[8, 8]]), np.array([[1, 1]]), ["a", "b"], [6, 6])

@@ -178,6 +178,89 @@ def compute_matched_coverage(
     )
 
 
+def split_pass(n, c, split) -> np.ndarray:
+    """P(at least one correct) drawing split[e] answers from expert e (without replacement
+    from its n_e samples), independently per expert. n, c: (Q, N) -> (Q,).
+
+    >>> float(split_pass([[4, 4]], [[1, 0]], [2, 0])[0])  # 1 - C(3,2)/C(4,2) from expert 0 alone
+    0.5
+    """
+    n = np.asarray(n).reshape(-1, len(split))
+    c = np.asarray(c).reshape(-1, len(split))
+    none = np.ones(len(n))
+    for e, k in enumerate(split):
+        none = none * prob_all_wrong(n[:, e], c[:, e], int(k))
+    return 1.0 - none
+
+
+@dataclass
+class BudgetCoverage:
+    """Coverage at a fixed budget of A answers per question, split as given (e.g. by the
+    adaptive expert budget), against the uniform split and each single expert with all A."""
+
+    split: list[int]
+    coverage: float
+    uniform: float | None  # None when A is not a multiple of the number of experts
+    single: dict[str, float]
+    best: str
+    gain: float  # split - the better of uniform and the best single expert
+    gain_low: float
+    gain_high: float
+    questions: int
+
+    def as_summary(self) -> dict:
+        out = {"budget_coverage/budget": sum(self.split), "budget_coverage/split": self.coverage}
+        out.update({f"budget_coverage/k/{i}": k for i, k in enumerate(self.split)})
+        if self.uniform is not None:
+            out["budget_coverage/uniform"] = self.uniform
+        out.update({f"budget_coverage/single/{name}": v for name, v in self.single.items()})
+        out.update(
+            {
+                "budget_coverage/best_single": self.single[self.best],
+                "budget_coverage/gain": self.gain,
+                "budget_coverage/gain_low": self.gain_low,
+                "budget_coverage/gain_high": self.gain_high,
+            }
+        )
+        return out
+
+
+def budget_coverage(
+    n, c, expert_names: list[str], split, resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> BudgetCoverage:
+    """The split's coverage against max(uniform split, best single expert x A), A = sum(split),
+    with a paired bootstrap over questions (the comparison's winner is re-chosen in each
+    resample, as in `paired_bootstrap`). Needs n >= A samples per (question, expert)."""
+    n, c = np.asarray(n), np.asarray(c)
+    budget, N = int(sum(split)), len(expert_names)
+    if n.size and n.min() < budget:
+        raise ValueError(
+            f"a budget of {budget} answers needs >= {budget} samples per (question, expert); have {n.min()}"
+        )
+    mix = split_pass(n, c, split)  # (Q,)
+    singles = pass_at_k(n, c, budget)  # (Q, N)
+    others = singles
+    uniform = None
+    if budget % N == 0:
+        uni = split_pass(n, c, [budget // N] * N)
+        uniform = float(uni.mean())
+        others = np.concatenate([singles, uni[:, None]], axis=1)  # (Q, N + 1)
+    point, low, high = paired_bootstrap(mix, others, resamples, seed, confidence)
+    means = singles.mean(0)
+    best = int(np.argmax(means))
+    return BudgetCoverage(
+        [int(k) for k in split],
+        float(mix.mean()),
+        uniform,
+        dict(zip(expert_names, means.tolist())),
+        expert_names[best],
+        point,
+        low,
+        high,
+        len(n),
+    )
+
+
 # ----------------------------------------------------------------------------- studies
 #
 # `meml compare` runs arms over seeds and scores every final model on the same questions.
