@@ -261,3 +261,17 @@ def test_hub_ids_go_through_datasets(monkeypatch):
         ("allenai/math_qa", None, "validation"),
         ("ChilleD/StrategyQA", None, "test"),
     ]
+
+
+def test_a_validation_split_held_out_of_train(tmp_path):
+    """GSM8K has no validation split: task.validation_holdout carves one from train's end."""
+    cfg = TaskConfig(name="gsm8k", path=str(FIXTURES / "gsm8k"), validation_holdout=1)
+    t = build_task(cfg)
+    train, validation = load_split(t, cfg, "train", None), load_split(t, cfg, "validation", None)
+    everything = t.load("train")
+    assert [e.id for e in validation] == [everything[-1].id]
+    assert [e.id for e in train] == [e.id for e in everything[:-1]]  # training never sees it
+    with pytest.raises(DataError, match="would leave no training question"):
+        load_split(
+            t, TaskConfig(name="gsm8k", path=str(FIXTURES / "gsm8k"), validation_holdout=len(everything)), "train", None
+        )

@@ -85,6 +85,9 @@ class TaskConfig:
     max_eval_examples: int | None = 64
     skip_invalid: bool = False  # skip malformed rows (counted) instead of failing
     options: dict[str, Any] = field(default_factory=dict)  # task-specific knobs
+    # For datasets without a validation split (GSM8K): the last N questions of train_split
+    # become the split named "validation", and training never sees them; 0: off
+    validation_holdout: int = 0
 
 
 @dataclass

@@ -165,6 +165,7 @@ def validate(cfg: Config) -> None:
     _positive("train.questions_per_step", cfg.train.questions_per_step)
     _positive("train.micro_batch_tokens", cfg.train.micro_batch_tokens)
     _positive("train.logit_chunk_tokens", cfg.train.logit_chunk_tokens, allow_zero=True)
+    _positive("task.validation_holdout", cfg.task.validation_holdout, allow_zero=True)
     _positive("sft.lr", cfg.sft.lr)
     _positive("sft.epochs", cfg.sft.epochs)
     _positive("sft.sequences_per_step", cfg.sft.sequences_per_step)

@@ -31,7 +31,19 @@ TaskBuilder = Callable[[TaskConfig, bool], Task]  # (task config, lenient verifi
 
 
 def load_split(task: Task, cfg: TaskConfig, split: str, limit: int | None) -> list[Example]:
-    examples = task.load(split)
+    """The examples of `split` (the first `limit`). With task.validation_holdout=N, "validation"
+    is the last N questions of the train split and the train split is the rest."""
+    held = cfg.validation_holdout
+    if held and split in ("validation", cfg.train_split):
+        train = task.load(cfg.train_split)
+        if len(train) <= held:
+            raise DataError(
+                f"task.validation_holdout={held} would leave no training question: "
+                f"split '{cfg.train_split}' of task '{task.name}' has {len(train)}"
+            )
+        examples = train[-held:] if split == "validation" else train[:-held]
+    else:
+        examples = task.load(split)
     if not examples:
         raise DataError(f"task '{task.name}': split '{split}' is empty")
     return examples[:limit] if limit else examples
