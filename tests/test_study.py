@@ -250,3 +250,32 @@ def test_a_setting_added_to_meml_after_a_record_is_no_change_at_its_default():
     assert config_differences(_comparable(old), _comparable(new), defaults) == []
     new["algo"]["iml"]["weight"] = 0.5  # not its default: that is a change
     assert config_differences(_comparable(old), _comparable(new), defaults) == ["algo.iml.weight: None -> 0.5"]
+
+
+def test_an_arm_with_lr_from_runs_at_the_lr_chosen_for_the_other_arm():
+    from meml.study.jobs import grid, grid_jobs, seed_jobs
+
+    spec = _spec()
+    spec.arms["c"] = ArmSpec(preset="grpo", lr_from="a")
+    assert grid(spec, "c", {}) == [] and [j.arm for j in grid_jobs(spec, {})] == ["a", "a", "b"]  # not chosen yet
+    recs = {}
+    for lr, val in ((1e-6, 0.25), (1e-5, 0.75)):
+        job = rl_job(spec, "a", lr, 0, "grid").key
+        recs[job] = _record(job, "a", 0, lr, {"tutor": val}, {"tutor": val})
+    assert chosen_lr(spec, "c", recs) == 1e-5 and grid(spec, "c", recs) == [1e-5]
+    c_jobs = [j for j in grid_jobs(spec, recs) if j.arm == "c"]
+    assert [(j.lr, set(j.evals)) for j in c_jobs] == [(1e-5, {"validation", "test"})]  # one run: every set
+    later, waiting = seed_jobs(spec, recs)
+    assert [(j.arm, j.seed, j.lr) for j in later if j.arm == "c"] == [("c", 1, 1e-5)] and waiting == []
+
+
+def test_lr_from_and_stage1_seeds_are_checked(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text(
+        "name: x\nseeds: [0, 1]\nstage1: {m: {preset: meml, seeds: [0]}}\n"
+        "arms: {a: {preset: grpo, lr_from: b}, b: {preset: grpo, stage1: m}}\n"
+        "evaluation: {validation: {split: validation}}\n"
+    )
+    with pytest.raises(ConfigError, match="arms.a.lr_from: 'b' is not an arm listed before it") as e:
+        load_study(bad)
+    assert "does not run on every study seed" in str(e.value)

@@ -36,9 +36,11 @@ The study file (YAML; every key is checked, a typo is refused):
   stage1:                                   # starting points shared by arms, one run per seed
     mef:   {preset: meml}
     tutor: {preset: grpo, overrides: [sft.epochs=3]}
+    mef_3ep: {preset: meml, overrides: [sft.epochs=3], seeds: [0]}   # a start no arm uses, on seed 0 only
   arms:                                     # preset + overrides, from a stage-1 recipe
     grpo: {preset: grpo, stage1: tutor, overrides: [rollout.num_generations_per_expert=12], lrs: [2.0e-6, 1.0e-5]}
     meml: {preset: meml, stage1: mef, lrs: [2.0e-6, 1.0e-5]}
+    meml_budget: {preset: adaptive_budget, stage1: mef, lr_from: meml}   # the lr chosen for meml
   evaluation:                               # greedy accuracy per expert on each set
     validation: {split: validation, questions: 100}
     test: {split: test, questions: 200}

@@ -72,7 +72,7 @@ def rl_job(spec: StudySpec, arm: str, lr: float | None, seed: int, phase: str, c
     ]
     job = Job(key, "rl", arm, seed, lr, a.preset, overrides, run_dir, start, phase)
     job.evals = eval_arguments(spec, run_dir)
-    if phase == "grid" and not chosen and len(grid(spec, arm)) > 1:
+    if phase == "grid" and not chosen and len(a.lrs) > 1:
         job.evals = {spec.selection.split: job.evals[spec.selection.split]}
     return job
 
@@ -98,23 +98,32 @@ def eval_arguments(spec: StudySpec, run_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def grid(spec: StudySpec, arm: str) -> list[float | None]:
-    return list(spec.arms[arm].lrs) or [None]
+def grid(spec: StudySpec, arm: str, records: dict[str, dict] | None = None) -> list[float | None]:
+    """The lrs an arm runs at: its grid, the preset's lr ([None]), or, for an arm with
+    lr_from, the lr chosen for that arm ([] until it is chosen)."""
+    a = spec.arms[arm]
+    if a.lr_from:
+        lr = chosen_lr(spec, a.lr_from, records or {})
+        return [lr] if lr is not None else []
+    return list(a.lrs) or [None]
 
 
-def grid_jobs(spec: StudySpec) -> list[Job]:
+def grid_jobs(spec: StudySpec, records: dict[str, dict] | None = None) -> list[Job]:
     return [
         rl_job(spec, arm, lr, seed, "grid")
         for seed in spec.selection_seeds
         for arm in spec.arms
-        for lr in grid(spec, arm)
+        for lr in grid(spec, arm, records)
     ]
 
 
 def chosen_lr(spec: StudySpec, arm: str, records: dict[str, dict]) -> float | None:
     """The arm's lr chosen on the selection split, or None while its grid is unfinished.
 
-    Score: the shared expert's accuracy on the selection split, mean over the selection seeds."""
+    Score: the shared expert's accuracy on the selection split, mean over the selection seeds.
+    An arm with lr_from takes the lr chosen for that arm."""
+    if spec.arms[arm].lr_from:
+        return chosen_lr(spec, spec.arms[arm].lr_from, records)
     lrs = grid(spec, arm)
     if len(lrs) == 1:
         return lrs[0]
@@ -142,7 +151,7 @@ def seed_jobs(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Job], lis
     rest = [s for s in spec.seeds if s not in spec.selection_seeds]
     for arm in spec.arms:
         lr = chosen_lr(spec, arm, records)
-        if lr is None and len(grid(spec, arm)) > 1:
+        if lr is None and not is_default_lr(spec, arm):
             waiting.append(arm)
             continue
         jobs.extend(rl_job(spec, arm, lr, seed, "seeds") for seed in rest)
@@ -150,7 +159,17 @@ def seed_jobs(spec: StudySpec, records: dict[str, dict]) -> tuple[list[Job], lis
     return jobs, waiting
 
 
+def is_default_lr(spec: StudySpec, arm: str) -> bool:
+    """An arm that runs at its preset's lr: no grid, no lr_from (its chosen lr is None)."""
+    return not spec.arms[arm].lrs and not spec.arms[arm].lr_from
+
+
 def all_stage1_jobs(spec: StudySpec) -> list[Job]:
-    """Every stage-1 recipe on every seed (a recipe no arm uses is still run and evaluated:
-    a study can compare starting points alone)."""
-    return [stage1_job(spec, recipe, seed) for seed in spec.seeds for recipe in spec.stage1]
+    """Every stage-1 recipe on its seeds (default: every seed). A recipe no arm uses is still
+    run and evaluated: a study can compare starting points alone."""
+    return [
+        stage1_job(spec, recipe, seed)
+        for seed in spec.seeds
+        for recipe, r in spec.stage1.items()
+        if not r.seeds or seed in r.seeds
+    ]

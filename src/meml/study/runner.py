@@ -231,7 +231,7 @@ class Runner:
         checkpoints go."""
         spec = self.spec
         lr = chosen_lr(spec, arm, self.records)
-        if lr is None or len(grid(spec, arm)) == 1:
+        if lr is None or len(spec.arms[arm].lrs) <= 1:
             return
         for seed in spec.selection_seeds:
             self.ensure(rl_job(spec, arm, lr, seed, "grid", chosen=True))
@@ -271,7 +271,7 @@ class Runner:
         for arm in spec.arms:
             if only and arm not in only:
                 continue
-            for job in grid_jobs(spec):
+            for job in grid_jobs(spec, self.records):  # an arm with lr_from: once that arm's lr is chosen
                 if job.arm == arm:
                     self.ensure(job)
             self.settle_grid(arm)
@@ -305,11 +305,11 @@ def plan_lines(spec: StudySpec, launcher: list[str] | None = None) -> list[str]:
         lines.append(shlex.join(runner.command(job)))
         lines.extend(shlex.join(runner.eval_command(job, name)) for name in job.evals)
 
-    for job in [*all_stage1_jobs(spec), *grid_jobs(spec)]:
+    for job in [*all_stage1_jobs(spec), *grid_jobs(spec, done)]:
         emit(job)
     for arm in spec.arms:
         lr = chosen_lr(spec, arm, done)
-        if lr is not None and len(grid(spec, arm)) > 1:
+        if lr is not None and len(spec.arms[arm].lrs) > 1:
             for seed in spec.selection_seeds:
                 job = rl_job(spec, arm, lr, seed, "grid", chosen=True)
                 rec = done.get(job.key)

@@ -38,6 +38,7 @@ class Stage1Spec:
 
     preset: str = "meml"
     overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # the seeds it runs on; empty: every study seed
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ArmSpec:
     stage1: str = ""
     overrides: list[str] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)  # the grid; empty: the preset's optim.lr
+    # or the lr chosen for another arm on the selection split (an arm listed before this one):
+    # a variant of that arm without a grid of its own
+    lr_from: str = ""
     label: str = ""  # for tables and plots; default: the arm's key
 
 
@@ -151,7 +155,16 @@ def check_study(spec: StudySpec, where: str = "study") -> None:
         problems.append(f"seeds: {spec.seeds} repeats a seed")
     if not spec.arms:
         problems.append("arms: at least one arm")
+    for name, recipe in spec.stage1.items():
+        if set(recipe.seeds) - set(spec.seeds):
+            problems.append(f"stage1.{name}.seeds: {sorted(set(recipe.seeds) - set(spec.seeds))} are not study seeds")
     for name, arm in spec.arms.items():
+        if (
+            arm.stage1 in spec.stage1
+            and spec.stage1[arm.stage1].seeds
+            and set(spec.seeds) - set(spec.stage1[arm.stage1].seeds)
+        ):
+            problems.append(f"arms.{name} starts from stage1.{arm.stage1}, which does not run on every study seed")
         if arm.stage1 and arm.stage1 not in spec.stage1:
             problems.append(
                 f"arms.{name}.stage1: '{arm.stage1}' is not a stage1 recipe "
@@ -161,6 +174,13 @@ def check_study(spec: StudySpec, where: str = "study") -> None:
             problems.append(f"arms.{name}.lrs: learning rates must be > 0, got {arm.lrs}")
         if len(set(arm.lrs)) != len(arm.lrs):
             problems.append(f"arms.{name}.lrs: {arm.lrs} repeats a value")
+        if arm.lr_from:
+            earlier = list(spec.arms)[: list(spec.arms).index(name)]
+            if arm.lrs:
+                problems.append(f"arms.{name}: give lrs or lr_from, not both")
+            if arm.lr_from not in earlier:
+                before = ", ".join(earlier) or "none"
+                problems.append(f"arms.{name}.lr_from: '{arm.lr_from}' is not an arm listed before it ({before})")
     for key in ("/", " "):
         bad = [n for n in [*spec.arms, *spec.stage1, *spec.evaluation] if key in n]
         if bad:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from meml.eval.metrics import choose_by_validation, mean_and_sd, paired_difference
-from meml.study.jobs import chosen_lr, grid, lr_tag, rl_job, stage1_job
+from meml.study.jobs import chosen_lr, grid, is_default_lr, lr_tag, rl_job, stage1_job
 from meml.study.spec import StudySpec
 
 METRICS = ("shared", "any", "majority", "best_val")
@@ -61,7 +61,7 @@ def accuracy(scores: dict[str, float | None]) -> float:
 def arm_records(spec: StudySpec, arm: str, records: dict) -> tuple[float | None, list[dict]]:
     """The chosen lr and the records at it, in seed order (missing seeds left out)."""
     lr = chosen_lr(spec, arm, records)
-    if lr is None and len(grid(spec, arm)) > 1:
+    if lr is None and not is_default_lr(spec, arm):
         return None, []
     found = []
     for seed in spec.seeds:
