@@ -26,6 +26,7 @@ ALL_FIGURES = {
     "hsft.png",
     "eval_accuracy.png",
     "coverage.png",
+    "overlong.png",
     "completion_len.png",
     "tokens_per_s.png",
     "loss.png",

@@ -176,6 +176,38 @@ def figure_specs(runs: list[Run]) -> list[tuple[str, str, str, list[tuple[str, s
                 ("gain (95% bootstrap band)", "coverage/gain"),
             ],
         ),
+        (
+            "entropy.png",
+            "Policy entropy on trained answers (nats/token)",
+            "rl",
+            [(t, f"entropy/{e}") for t, e in per_expert],
+        ),
+        (
+            "budget.png",
+            "Adaptive expert budget: answers per question and success average",
+            "rl",
+            [
+                *((f"{t}: answers", f"budget/{e}") for t, e in per_expert),
+                *((f"{t}: success", f"budget/success/{e}") for t, e in per_expert),
+            ],
+        ),
+        (
+            "dynamic.png",
+            "Dynamic sampling",
+            "rl",
+            [
+                ("refill rounds", "dynamic/rounds"),
+                ("extra rollouts", "dynamic/extra_rollouts"),
+                ("dropped groups", "dynamic/dropped_groups"),
+                ("informative groups", "dynamic/informative_groups"),
+            ],
+        ),
+        (
+            "overlong.png",
+            "Length limit",
+            "rl",
+            [("answers cut at the limit", "truncated_frac"), ("overlong penalty (mean)", "reward/overlong")],
+        ),
         ("completion_len.png", "Completion length (tokens)", "rl", [("mean completion length", "completion_len")]),
         ("tokens_per_s.png", "Throughput (tokens/s)", "rl", [("RL", "tokens_per_s")]),
         ("loss.png", "Training loss", "rl", [("RL loss", "loss")]),
