@@ -97,7 +97,10 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     before = {p.name: p.read_text() for p in records.glob("*.json") if p.name != "study.json"}
     assert set(before) == {"stage1-mef-s0.json", "stage1-tutor-s0.json", "grpo-lr1e-4-s0.json"}
 
-    # 2. run again: the killed job is redone, earlier records are kept as they were
+    # 2. run again: the killed job is redone, earlier records are kept as they were; a
+    # stage-1 model whose run directory is gone (records carried to a fresh machine) is
+    # trained again for the runs that start from it, its record untouched
+    shutil.rmtree(tmp_path / "runs" / "stage1-mef-s0")
     proc = compare(study)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
@@ -116,6 +119,8 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     assert set(json.loads((records / f"{other}.json").read_text())["eval"]) == {"validation"}
     assert set(json.loads((records / f"{chosen}.json").read_text())["eval"]) == {"validation", "test"}
     assert "stage1-mef-s0: training" not in out  # nothing that had a record ran again
+    assert "stage1-mef-s0: its checkpoints are gone; training it again" in out
+    assert "stage1-tutor-s0: its checkpoints are gone" not in out  # only what was missing
 
     rec = json.loads((records / "meml-lrdefault-s1.json").read_text())
     assert (rec["arm"], rec["seed"], rec["lr"], rec["steps"], rec["test_questions"]) == ("meml", 1, None, 2, 4)

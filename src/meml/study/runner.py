@@ -184,6 +184,8 @@ class Runner:
             f"{'training' if not (job.run_dir / 'results.json').exists() else 'evaluating'}"
         )
         if not (job.run_dir / "results.json").exists():
+            if job.start is not None:
+                self.rebuild_start(job.start)
             if job.run_dir.exists() and not list((job.run_dir / "checkpoints").glob("*-0*")):
                 shutil.rmtree(job.run_dir)  # killed before its first checkpoint: start it again, logs and all
             self.run(self.command(job), job.run_dir.parent / "logs" / f"{job.key}.log")
@@ -195,6 +197,17 @@ class Runner:
         self.save(job, record)
         self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: done in {time.time() - t0:.0f} s -> {record['_path']}")
         return record
+
+    def rebuild_start(self, start: Job) -> None:
+        """A stage-1 model whose record was kept but whose run directory is gone (a study
+        carried to another machine with its records only): train it again from the same
+        command and seed; its record, and what it measured, stay as they were."""
+        if list((start.run_dir / "checkpoints").glob("*-0*")):
+            return
+        self.echo(f"{time.strftime('%H:%M:%S')} {start.key}: its checkpoints are gone; training it again")
+        if start.run_dir.exists():
+            shutil.rmtree(start.run_dir)
+        self.run(self.command(start), start.run_dir.parent / "logs" / f"{start.key}.log")
 
     def add_evals(self, job: Job, record: dict, names: list[str]) -> dict:
         """Evaluate a finished run on more sets (a grid run whose lr was chosen)."""
