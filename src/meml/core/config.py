@@ -156,6 +156,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     sequences_per_generate: int = 48  # sequences per generate call (formerly rollout.batch_size)
+    # transformers backend: if > 0, rows x (longest prompt + max_new_tokens) of one generate call
+    # at most, which bounds its key/value cache (evaluations too); 0: the row count alone decides
+    tokens_per_generate: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     dynamic: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -274,6 +277,10 @@ class EvalConfig:
     coverage: bool = True  # N experts x k samples vs each single expert x N*k (needs samples >= N)
     coverage_k: int = 0  # k: samples per expert in the mixture; 0 = samples // number of experts
     bootstrap_resamples: int = 1000  # paired bootstrap over questions for the coverage gain
+    # Answers per expert (in the experts' order) for a fixed-budget coverage figure: this split
+    # (e.g. the adaptive budget's, chosen on a validation split) against the uniform split and
+    # the best single expert with all sum(split) answers; needs samples >= sum. Empty: off.
+    coverage_split: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -81,6 +81,19 @@ def validate(cfg: Config) -> None:
         _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
     if any(k < 1 for k in e.pass_k):
         raise ConfigError(f"eval.pass_k={list(e.pass_k)}: every k must be >= 1")
+    if e.coverage_split:
+        if any(k < 0 for k in e.coverage_split) or sum(e.coverage_split) < 1:
+            raise ConfigError(f"eval.coverage_split={list(e.coverage_split)}: answers per expert, >= 0, not all 0")
+        if len(e.coverage_split) != len(cfg.experts):
+            raise ConfigError(
+                f"eval.coverage_split={list(e.coverage_split)} gives {len(e.coverage_split)} experts answers; "
+                f"there are {len(cfg.experts)} ({', '.join(x.name for x in cfg.experts)})"
+            )
+        if sum(e.coverage_split) > e.samples:
+            raise ConfigError(
+                f"eval.coverage_split={list(e.coverage_split)} needs eval.samples >= {sum(e.coverage_split)} "
+                f"(have {e.samples})"
+            )
     _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online", "disabled"))
     for backend in cfg.log.backends:
         _choice("log.backends[]", backend, ("jsonl", "tensorboard", "wandb"))
@@ -99,6 +112,7 @@ def validate(cfg: Config) -> None:
     _positive("rollout.num_generations_per_expert", r.num_generations_per_expert)
     _positive("rollout.max_new_tokens", r.max_new_tokens)
     _positive("rollout.sequences_per_generate", r.sequences_per_generate)
+    _positive("rollout.tokens_per_generate", r.tokens_per_generate, allow_zero=True)
     _positive("rollout.temperature", r.temperature, allow_zero=True)
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")

@@ -146,7 +146,14 @@ def _local_teacher(cfg: Config, s):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = model_lib.load_policy(teacher_cfg).requires_grad_(False).to(device)
     dtype = model_lib.compute_dtype(cfg.model.dtype, device)
-    engine = make_engine(cfg.rollout.backend, policy, tokenizer, dtype, cfg.rollout.sequences_per_generate)
+    engine = make_engine(
+        cfg.rollout.backend,
+        policy,
+        tokenizer,
+        dtype,
+        cfg.rollout.sequences_per_generate,
+        tokens_per_generate=cfg.rollout.tokens_per_generate,
+    )
     fmt = s.task.format_instruction
     return engine, lambda pair: prompt_ids(tokenizer, pair.expert, pair.example, fmt)
 

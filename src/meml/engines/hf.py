@@ -10,6 +10,15 @@ docs/benchmarks.md): the prefill hands the LM head the last position as a stride
 head's weight once per row and runs a batched product (a 192-row eval batch of SmolLM2
 copied 11 GB, in 12 s); and sampling each row with `torch.multinomial` draws one exponential
 variate per vocabulary entry (half a millisecond per row and token at a 49k vocabulary).
+
+Memory: the rollout copy is built parameter by parameter in the compute dtype, never as a
+whole fp32 copy first (that transient was the size of the master weights). A generate call
+holds a key/value cache of rows x (longest prompt + max_new_tokens) positions; calls take at
+most `sequences_per_generate` rows and, with `tokens_per_generate`, at most that many
+rows x positions, so a long completion length or many samples split into more calls instead
+of a larger cache. A call's rows are consecutive prompts in order, as before, so the default
+batches (and every greedy and seeded output) do not change; per-row seeds make sampled
+outputs independent of the batching in any case.
 """
 
 from __future__ import annotations
@@ -68,6 +77,42 @@ def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator]) -
     return torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def copy_in_dtype(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`copy.deepcopy(policy).to(dtype)` without its fp32 intermediate: every floating
+    parameter and buffer is cast on its own while the module tree is copied (tied weights
+    stay tied: one tensor, one copy). The copy holds no gradients."""
+    memo: dict[int, object] = {}
+    for tensor in [*policy.parameters(), *policy.buffers()]:
+        if id(tensor) in memo:
+            continue
+        data = tensor.detach()
+        data = data.to(dtype, copy=True) if data.is_floating_point() else data.clone()
+        memo[id(tensor)] = (
+            torch.nn.Parameter(data, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else data
+        )
+    return copy.deepcopy(policy, memo)
+
+
+def plan_calls(
+    widths: list[int], rows_per_prompt: int, prompts_per_call: int, new_tokens: int, token_budget: int
+) -> list[slice]:
+    """Consecutive runs of prompts, one generate call each: at most prompts_per_call prompts
+    and, with token_budget > 0, rows x (longest prompt + new_tokens) <= token_budget (a prompt
+    that alone exceeds it still gets its own call). widths: each prompt's length."""
+    calls, start = [], 0
+    while start < len(widths):
+        end, longest = start, 0
+        while end < len(widths) and end - start < prompts_per_call:
+            longest_next = max(longest, widths[end])
+            rows = (end - start + 1) * rows_per_prompt
+            if token_budget and end > start and rows * (longest_next + new_tokens) > token_budget:
+                break
+            longest, end = longest_next, end + 1
+        calls.append(slice(start, end))
+        start = end
+    return calls
+
+
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     """A forward pre-hook: hand the module a contiguous input, which torch.matmul folds into
     one matrix product instead of copying the weight once per batch row. Decode steps pass a
@@ -78,7 +123,11 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 class HFEngine:
-    """Batched `generate` from transformers with left padding."""
+    """Batched `generate` from transformers with left padding.
+
+    sequences_per_generate: rows of one generate call at most (a prompt's samples are rows);
+    tokens_per_generate: if > 0, rows x (longest prompt + max_new_tokens) of one call at most,
+    which bounds its key/value cache (0: the row count alone decides)."""
 
     def __init__(
         self,
@@ -87,16 +136,17 @@ class HFEngine:
         dtype: torch.dtype,
         sequences_per_generate: int,
         share_weights: bool = True,
+        tokens_per_generate: int = 0,
     ):
         self.tokenizer = tokenizer
         self.sequences_per_generate = sequences_per_generate
+        self.tokens_per_generate = tokens_per_generate
         self.stop_ids = stop_token_ids(policy, tokenizer)
         if dtype == torch.float32 and share_weights:
             self.model = policy  # no copy needed: generate from the master weights
             self._owns_copy = False
         else:
-            self.model = copy.deepcopy(policy).to(dtype)
-            self.model.requires_grad_(False)
+            self.model = copy_in_dtype(policy, dtype)
             self._owns_copy = True
         self._config_for_generation()
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
@@ -136,9 +186,12 @@ class HFEngine:
         device = next(self.model.parameters()).device
         seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
         per_call = max(1, self.sequences_per_generate // params.num_samples)
+        rows_per_prompt = 1 if params.temperature == 0 else params.num_samples  # greedy: generated once
+        calls = plan_calls(
+            [len(p) for p in prompts], rows_per_prompt, per_call, params.max_new_tokens, self.tokens_per_generate
+        )
         out: list[list[Generation]] = []
-        for start in range(0, len(prompts), per_call):
-            chunk = slice(start, start + per_call)
+        for chunk in calls:
             out.extend(self._generate_chunk(prompts[chunk], seeds[chunk], params, device))
         if was_training and not self._owns_copy:
             self.model.train()

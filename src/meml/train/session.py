@@ -179,6 +179,7 @@ def attach_model(work: Workload, source: str | None = None) -> Session:
         cfg.rollout.sequences_per_generate,
         share_weights=not sharded(accelerator),
         vllm=dataclasses.asdict(cfg.rollout.vllm),
+        tokens_per_generate=cfg.rollout.tokens_per_generate,
     )
     logger = MetricsLogger(
         work.run_dir,
