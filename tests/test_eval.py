@@ -4,6 +4,7 @@ best expert, any-expert coverage, majority vote, pass@k and the sampled diagnost
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +131,41 @@ def test_sampled_summary_pass_at_k_coverage_and_zero_signal():
     assert summary["all_wrong/b"] == 1.0 and summary["zero_signal/group_size"] == 2
     # self-consistency over 12 samples: q1 has 2 sevens against 10 wrong 999s -> wrong
     assert summary["acc/majority_sampled"] == 0.0
+
+
+def test_a_coverage_split_is_scored_against_uniform_and_single_experts():
+    s = fake_session()
+    s.cfg.eval.coverage_split = [2, 0, 1]
+    records = evaluate_batch(s, EXAMPLES[:3], max_new_tokens=16, samples=4, seed=1)
+    summary = summarize(records, ["a", "b", "c"], s.cfg.eval, group_size=2)
+    # a: 2 of 4 right on q1; c: 1 of 4 on q2 (as in the test above). Split [2, 0, 1]:
+    # q1 1 - C(2,2)/C(4,2) = 5/6 from a; q2 1 - C(3,1)/C(4,1) = 1/4 from c; q3 0
+    assert summary["budget_coverage/budget"] == 3
+    assert summary["budget_coverage/split"] == pytest.approx((5 / 6 + 1 / 4) / 3)
+    assert [summary[f"budget_coverage/k/{i}"] for i in range(3)] == [2, 0, 1]
+    # the uniform [1, 1, 1] is the compute-matched mixture; single a x 3 covers q1 surely
+    assert summary["budget_coverage/uniform"] == pytest.approx(summary["coverage/mixture"])
+    assert summary["budget_coverage/single/a"] == pytest.approx(1 / 3)
+    assert summary["budget_coverage/best_expert"] == "a"
+    best_rival = max(summary["budget_coverage/uniform"], summary["budget_coverage/best_single"])
+    assert summary["budget_coverage/gain"] == pytest.approx(summary["budget_coverage/split"] - best_rival)
+
+
+def test_a_coverage_split_that_does_not_fit_is_a_config_error():
+    from meml.core.errors import ConfigError
+    from meml.core.load import load_config
+
+    assert load_config(None, []).eval.coverage_split == []  # off by default
+    ok = load_config(None, ["eval.samples=12", "eval.coverage_split=[6,4,2]"])
+    assert ok.eval.coverage_split == [6, 4, 2]
+    for bad, match in [
+        (["eval.samples=12", "eval.coverage_split=[6,6]"], "gives 2 experts answers; there are 3"),
+        (["eval.samples=8", "eval.coverage_split=[6,4,2]"], "needs eval.samples >= 12"),
+        (["eval.samples=12", "eval.coverage_split=[0,0,0]"], "not all 0"),
+        (["eval.samples=12", "eval.coverage_split=[6,-1,2]"], "not all 0"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            load_config(None, bad)
 
 
 def test_records_round_trip_through_json():

@@ -10,6 +10,8 @@ rollout.temperature / rollout.top_p, which give:
   acc/majority_sampled   majority vote over all N*n sampled answers (self-consistency)
   coverage/*             the compute-matched comparison (metrics.compute_matched_coverage):
                          N experts x k samples against each single expert x N*k samples
+  budget_coverage/*      with eval.coverage_split: that split of A answers across the experts
+                         against the uniform split and each single expert x A (budget_coverage)
   all_wrong/<expert>     probability that a training group of G = rollout.num_generations_
   zero_signal/<expert>   per_expert answers is all wrong / all equal (no learning signal)
 
@@ -31,7 +33,7 @@ import numpy as np
 from meml.core.config import EvalConfig
 from meml.core.types import Example, Expert
 from meml.engines.base import Engine, SamplingParams
-from meml.eval.metrics import compute_matched_coverage, majority_vote, pass_at_k, zero_signal
+from meml.eval.metrics import budget_coverage, compute_matched_coverage, majority_vote, pass_at_k, zero_signal
 from meml.tasks.base import Task
 from meml.tasks.experts import render_prompt
 
@@ -234,6 +236,15 @@ def sampled_summary(
             result = compute_matched_coverage(n, c, expert_names, k, cfg.bootstrap_resamples, seed=0)
             out.update(result.as_summary())
             out["coverage/best_expert"] = result.best
+    if cfg.coverage_split:
+        if len(cfg.coverage_split) != len(expert_names):
+            raise ValueError(
+                f"eval.coverage_split={list(cfg.coverage_split)} gives {len(cfg.coverage_split)} experts answers; "
+                f"this evaluation has {len(expert_names)} ({', '.join(expert_names)})"
+            )
+        split = budget_coverage(n, c, expert_names, cfg.coverage_split, cfg.bootstrap_resamples, seed=0)
+        out.update(split.as_summary())
+        out["budget_coverage/best_expert"] = split.best
     return out
 
 
