@@ -284,3 +284,33 @@ def test_lr_from_and_stage1_seeds_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="arms.a.lr_from: 'b' is not an arm listed before it") as e:
         load_study(bad)
     assert "does not run on every study seed" in str(e.value)
+
+
+def test_only_and_seeds_narrow_the_jobs_but_the_lr_choice_still_runs(tmp_path, monkeypatch):
+    from meml.study.runner import Runner
+
+    spec = load_study(write_study(tmp_path, tmp_path / "model"))
+    ran: list[str] = []
+
+    def fake_ensure(self, job):
+        ran.append(job.key)
+        return {}
+
+    monkeypatch.setattr(Runner, "ensure", fake_ensure)
+    Runner(spec, echo=lambda *_: None).run_all(["meml"], seeds=[0])
+    assert ran == ["stage1-mef-s0", "meml-lrdefault-s0"]  # no seed-1 job, no grpo job
+    ran.clear()
+    Runner(spec, echo=lambda *_: None).run_all(["meml"], seeds=[1])
+    # seed 0 still runs where it chooses (here: nothing to choose for meml, its grid is its default lr)
+    assert ran == ["stage1-mef-s0", "meml-lrdefault-s0", "meml-lrdefault-s1"]
+    ran.clear()
+    with pytest.raises(Exception, match="grid is not finished"):  # grpo's lr is not chosen: its seed 1 cannot run
+        Runner(spec, echo=lambda *_: None).run_all(["grpo"], seeds=[1])
+
+
+def test_compare_refuses_seeds_the_study_does_not_have(tmp_path):
+    study = write_study(tmp_path, tmp_path / "model")
+    out = subprocess.run(
+        [sys.executable, "-m", "meml.cli", "compare", str(study), "--seeds", "0,7"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "--seeds: [7] are not seeds of" in out.stdout + out.stderr

@@ -4,6 +4,7 @@ meml compare studies/sparse_arithmetic.yaml            run what has no record ye
 meml compare studies/sparse_arithmetic.yaml --print    the commands instead (to launch elsewhere)
 meml compare studies/sparse_arithmetic.yaml --summary  only the summary, tables and plots
 meml compare studies/sparse_arithmetic.yaml --only meml,grpo
+meml compare studies/sparse_arithmetic.yaml --seeds 0   a first pass: one seed (lr grids run on theirs)
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--summary", action="store_true", help="only write the summary, tables and plots from the records")
     p.add_argument("--only", default="", help="comma-separated arms to run (their stage-1 runs included)")
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds to run (a first pass on fewer seeds); the lr grids still run on the "
+        "selection seeds",
+    )
     p.set_defaults(func=_run)
 
 
@@ -86,6 +93,12 @@ def _run(ns) -> int:
     unknown = [a for a in only if a not in spec.arms]
     if unknown:
         raise ConfigError(f"--only: {unknown} are not arms of {ns.study} ({', '.join(spec.arms)})")
+    try:
+        seeds = [int(x) for x in ns.seeds.split(",") if x.strip()] or None
+    except ValueError:
+        raise ConfigError(f"--seeds {ns.seeds!r}: comma-separated whole numbers, e.g. --seeds 0,1") from None
+    if seeds and set(seeds) - set(spec.seeds):
+        raise ConfigError(f"--seeds: {sorted(set(seeds) - set(spec.seeds))} are not seeds of {ns.study} {spec.seeds}")
     if ns.print_only:
         print("\n".join(plan_lines(spec)))
         return 0
@@ -102,7 +115,7 @@ def _run(ns) -> int:
             # asked to stop too (it saves a checkpoint) instead of being orphaned.
             signal.signal(signal.SIGTERM, _raise_interrupt)
             try:
-                Runner(spec).run_all(only or None)
+                Runner(spec).run_all(only or None, seeds)
             except KeyboardInterrupt:
                 print("stopped; run the same command again to continue", file=sys.stderr)
                 return 130

@@ -272,10 +272,14 @@ class Runner:
             tail = log_path.read_text().splitlines()[-15:]
             raise StudyError(f"`{' '.join(argv)}` failed (exit {rc}); log: {log_path}\n" + "\n".join(tail))
 
-    def run_all(self, only: list[str] | None = None) -> dict[str, dict]:
-        """Every job of the study, breadth first; returns the records."""
+    def run_all(self, only: list[str] | None = None, seeds: list[int] | None = None) -> dict[str, dict]:
+        """Every job of the study, breadth first; returns the records. only: these arms;
+        seeds: these seeds (the lr grids still run on the selection seeds, which choose lrs)."""
         spec = self.spec
-        wanted = (lambda j: j.arm in only) if only else (lambda j: True)
+
+        def wanted(j: Job) -> bool:
+            return (not only or j.arm in only) and (seeds is None or j.seed in seeds)
+
         for job in all_stage1_jobs(spec):
             if job.seed in spec.selection_seeds and (
                 not only or any(spec.arms[a].stage1 == job.arm for a in only if a in spec.arms) or job.arm in only
@@ -290,10 +294,10 @@ class Runner:
             self.settle_grid(arm)
         jobs, waiting = seed_jobs(spec, self.records)
         for arm in waiting:
-            if wanted(Job("", "rl", arm, 0, None, "", [], Path())):
+            if not only or arm in only:
                 raise StudyError(f"arm {arm}: its lr grid is not finished; cannot choose its lr")
         for job in all_stage1_jobs(spec):
-            if job.key not in self.records and (not only or job.arm in only):
+            if job.key not in self.records and (not only or job.arm in only) and (seeds is None or job.seed in seeds):
                 self.ensure(job)
         for job in jobs:
             if wanted(job):
