@@ -272,7 +272,7 @@ def test_fp16_overflows_are_the_loss_scalers_to_skip_and_training_goes_on(monkey
     )
     scale_of_input = {}
 
-    def accumulate(model, items, settings, budget, pad_id, accelerator):
+    def accumulate(model, items, settings, budget, pad_id, accelerator, chunk_tokens=0):
         loss = model(torch.full((1, 2), scale_of_input["x"])).sum()
         accelerator.backward(loss)
         return {"loss": float(loss.detach())}

@@ -119,7 +119,7 @@ SETTINGS = {
     "reward.functions": "[reward_fns:length_parity]",
     "optim.lr": "1e-3",
     "sft.lr": "1e-3",
-    "algo.hsft.buffer_size": 6,
+    "algo.hsft.buffer_size": 8,
     "algo.hsft.push_prob": 1.0,
     "model.dtype": "bf16",
     "eval.before": "true",

@@ -119,3 +119,31 @@ def test_entropy_bonus_statistics_per_expert_and_top_entropy_tokens():
     top, stats = micro_batch_loss(items, logp, mask, LossSettings(top_entropy_quantile=0.5), entropy)
     # entropies 1 3 2 0.5: the top half (3 and 2) keep their loss: 0.5 * 2 + 0.5 * 3
     assert top.item() == pytest.approx(0.5 * 2 + 0.5 * 3) and stats["entropy_kept_tokens"] == 2.0
+
+
+def test_the_update_computes_log_probs_in_the_configured_chunks(model, monkeypatch):
+    """train.logit_chunk_tokens reaches the forward pass of every micro-batch (it once stopped
+    at the Learner: full logits were built whatever it said), and the optimizer keeps no
+    gradients between updates."""
+    from accelerate import Accelerator
+
+    import meml.train.update as update
+    from meml.train.update import Learner, optimizer_step
+
+    seen = []
+    real = update.token_stats
+
+    def spy(model, batch, chunk_tokens, entropy=False):
+        seen.append(chunk_tokens)
+        return real(model, batch, chunk_tokens, entropy)
+
+    monkeypatch.setattr(update, "token_stats", spy)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    counters = {"bad_streak": 0, "skipped_updates": 0}
+    learner = Learner(model, optimizer, scheduler, accelerator, 0, 64, 1.0, counters, 3, chunk_tokens=5)
+    items = [TrainItem("sft", [5, 6, 7], [20, 21, 22, 23], weight=1.0, coef=1.0) for _ in range(3)]
+    stats = optimizer_step(learner, items, LossSettings())
+    assert stats["skipped"] == 0.0 and seen and set(seen) == {5}
+    assert all(p.grad is None for p in model.parameters())

@@ -160,3 +160,23 @@ def test_micro_batches_keep_a_prompts_rows_together():
     for group in micro_batches(items, token_budget=40):
         prompts = [tuple(items[i].prompt_ids) for i in group]
         assert prompts == sorted(prompts, key=prompts.index)  # each prompt's rows adjacent
+
+
+def test_a_finished_stage_releases_its_optimizer_state():
+    """Stage 1's AdamW moments do not live on through stage 2 (accelerate keeps a reference
+    to every optimizer it prepared)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from meml.train.loop import release_learner
+
+    model = torch.nn.Linear(4, 4)
+    accelerator = Accelerator(cpu=True)
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert len(optimizer.state) == 2 and optimizer in accelerator._optimizers
+    release_learner(SimpleNamespace(accelerator=accelerator), SimpleNamespace(optimizer=optimizer))
+    assert len(optimizer.state) == 0 and optimizer not in accelerator._optimizers
+    assert all(p.grad is None for p in model.parameters())

@@ -135,7 +135,7 @@ def optimizer_step(learner: Learner, items: list[TrainItem], settings: LossSetti
     )
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradients(
-        learner.policy, items, settings, learner.micro_batch_tokens, learner.pad_id, accelerator
+        learner.policy, items, settings, learner.micro_batch_tokens, learner.pad_id, accelerator, learner.chunk_tokens
     )
     max_norm = learner.grad_clip if learner.grad_clip > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(learner.policy.parameters(), max_norm)  # unscales first under a scaler
@@ -151,11 +151,11 @@ def optimizer_step(learner: Learner, items: list[TrainItem], settings: LossSetti
         applied = False
         if scaler is not None:
             scaler.update()  # no step this time: reset the scaler's per-step state left by unscale_
+    optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them until the next update
     if applied:
         scheduler.step()
         counters["bad_streak"] = 0
     else:
-        optimizer.zero_grad(set_to_none=True)
         counters["skipped_updates"] += 1
         if overflow and scaler.get_scale() >= 1:
             log.info("fp16 gradient overflow: update skipped, loss scale now %g", scaler.get_scale())
