@@ -7,6 +7,7 @@ Not an entry point; `bench/trl_compare.py`, `bench/expert_overhead.py`, `bench/m
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -170,11 +171,57 @@ def causal_pairs(length: int, start: int = 0) -> int:
     return sum(t + 1 for t in range(start, length))
 
 
-def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=print) -> dict:
+def force_lengths(s) -> None:
+    """Make every completion of session `s` run to max_new_tokens: stop tokens are masked until
+    then (transformers' min_new_tokens, vLLM's min_tokens: the settings TRL takes for the same),
+    and the answer is read from the whole forced text as if it had finished. For benchmarks
+    whose figures must not depend on how long the model chooses to answer."""
+    engine = s.engine
+    if hasattr(engine, "llm"):  # vLLM: each request's SamplingParams gets min_tokens = max_tokens
+        import msgspec
+
+        request = engine._request
+
+        def forced_request(params, seed):
+            r = request(params, seed)
+            return msgspec.structs.replace(r, min_tokens=r.max_tokens)
+
+        engine._request = forced_request
+    else:
+        generate_ids = engine.model.generate
+
+        def forced(*a, generation_config, **k):
+            config = copy.copy(generation_config)
+            config.min_new_tokens = config.max_new_tokens
+            return generate_ids(*a, generation_config=config, **k)
+
+        engine.model.generate = forced
+    generate = engine.generate
+
+    def read_as_finished(prompts, params, seeds=None):
+        groups = generate(prompts, params, seeds)
+        for group in groups:
+            for g in group:
+                g.finished = True
+        return groups
+
+    engine.generate = read_as_finished
+
+
+def meml_steps(
+    preset: str,
+    overrides: list[str],
+    skip_zero: bool = True,
+    log=print,
+    on_session=None,
+    edit_config=None,
+) -> dict:
     """Run meml's RL steps (`meml.train.rl_step.rl_step`) as the trainer does, timing each step and its
     parts from outside, and counting the tokens each forward pass sees (for model FLOPs).
 
     skip_zero=False forwards zero-advantage sequences too (meml skips them: no gradient).
+    on_session(session), when given, runs once the session is open (e.g. force_lengths);
+    edit_config(cfg), before it opens (for what key=value cannot say, e.g. a list of experts).
     """
     import torch
 
@@ -182,29 +229,38 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
     from meml.core.load import load_config
     from meml.train import rl_step as riel
     from meml.train import update
+
+    try:  # rollouts live in train/sampling.py since the sparse-reward toolkit, in rl_step before
+        from meml.train import sampling
+    except ImportError:
+        sampling = riel
     from meml.train.loop import make_learner
     from meml.train.session import open_session
 
     cfg = load_config(preset, overrides)
+    if edit_config is not None:
+        edit_config(cfg)
     t0 = time.perf_counter()
     s = open_session(cfg, preset)
+    if on_session is not None:
+        on_session(s)
     learner = make_learner(s, cfg.optim.lr, cfg.train.steps)
     optimizer = learner.optimizer
     startup = time.perf_counter() - t0
     shape = model_shape(s.unwrapped)
     timers = Timers()
-    timers.wrap(riel, "score_episodes", "reward")
+    timers.wrap(sampling, "score_episodes", "reward")
     timers.wrap(s.accelerator, "backward", "backward")
     timers.wrap(s.accelerator, "clip_grad_norm_", "clip")
     timers.wrap(optimizer, "step", "optimizer")
     timers.wrap(riel, "sync_rollout_weights", "sync")
     counts: dict[str, float] = defaultdict(float)
 
-    roll_out = riel.roll_out
+    roll_out = sampling.roll_out
 
-    def counted_roll_out(*args):
+    def counted_roll_out(*args, **kwargs):
         t = time.perf_counter()
-        episodes = roll_out(*args)
+        episodes = roll_out(*args, **kwargs)
         timers.seconds["generate"] += time.perf_counter() - t
         for e in episodes:
             p, c = len(e.prompt_ids), len(e.completion_ids)
@@ -216,7 +272,7 @@ def meml_steps(preset: str, overrides: list[str], skip_zero: bool = True, log=pr
         counts["sequences"] += len(episodes)
         return episodes
 
-    riel.roll_out = counted_roll_out
+    sampling.roll_out = counted_roll_out
     micro_batch_loss = update.micro_batch_loss
 
     def counted_loss(model, items, batch, *a, **k):
