@@ -23,7 +23,8 @@ from conftest import tiny_overrides
 pytestmark = pytest.mark.e2e  # runs of the trainer end to end
 
 # LoRA with dropout: the update draws from the torch RNG, which a rewound step must put
-# back. HSFT pushes every failed group, so the buffer changes inside the failing step too.
+# back. HSFT pushes every group with a wrong answer (max_wrong 0, push_prob 1), so the
+# buffer changes inside the failing step too, whatever the random model samples.
 SETTINGS = {
     "sft.enabled": "false",
     "train.steps": 4,
@@ -37,6 +38,7 @@ SETTINGS = {
     "model.lora.dropout": 0.3,
     "algo.hsft.buffer_size": 4,
     "algo.hsft.push_prob": 1.0,
+    "algo.hsft.max_wrong": 0,
 }
 
 
