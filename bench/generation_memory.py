@@ -27,9 +27,10 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine, run_child, write_json  # noqa: E402
+from common import emit, force_lengths, machine, run_child, write_json  # noqa: E402
 
 
 def rss_mb(key: str) -> float:
@@ -72,14 +73,7 @@ def child(args) -> dict:
         engine = hf.HFEngine(
             policy, tokenizer, torch.bfloat16, cfg.rollout.sequences_per_generate, tokens_per_generate=args.budget
         )
-        generate_ids = engine.model.generate
-
-        def forced(*a, generation_config, **k):
-            config = copy.copy(generation_config)
-            config.min_new_tokens = config.max_new_tokens
-            return generate_ids(*a, generation_config=config, **k)
-
-        engine.model.generate = forced
+        force_lengths(SimpleNamespace(engine=engine))  # every row runs to max_new_tokens
         from meml.engines.base import SamplingParams
 
         examples = work.eval_examples[: args.rows]
