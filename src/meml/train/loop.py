@@ -13,6 +13,7 @@ train/rl_step.py; one MEF step is below.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import time
@@ -235,18 +236,19 @@ def give_back_freed_memory() -> None:
     A step allocates and frees gigabytes of activations on the CPU; glibc keeps much of what
     was freed in its arenas, so resident memory sat at 2-3x the live tensors between steps
     (bench/memory.py). Trimming once a step costs milliseconds."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-_LIBC = None
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
 
 
 def run_stage(s: Session, stage: str, start_step: int, total: int, step_fn, learner: Learner, reference=None) -> None:
