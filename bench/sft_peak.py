@@ -10,6 +10,8 @@ in a fresh process, and reads the process's ru_maxrss:
   default        the default settings (train.micro_batch_tokens=4096)
   micro1024      train.micro_batch_tokens=1024: a quarter of the tokens per forward/backward
   checkpointing  model.gradient_checkpointing=true: the layers' activations recomputed
+  micro2048      train.micro_batch_tokens=2048
+  checkpointing_micro2048   both
   fused_adamw    AdamW with fused=True: no foreach temporaries the size of the weights
   loop_adamw     AdamW with foreach=False: one parameter at a time
 A variant that lowers the peak shows what the peak is made of. Peak RSS does not depend on
@@ -34,6 +36,8 @@ VARIANTS = {
     "default": [],
     "micro1024": ["train.micro_batch_tokens=1024"],
     "checkpointing": ["model.gradient_checkpointing=true"],
+    "micro2048": ["train.micro_batch_tokens=2048"],
+    "checkpointing_micro2048": ["model.gradient_checkpointing=true", "train.micro_batch_tokens=2048"],
     "fused_adamw": [],
     "loop_adamw": [],
 }

@@ -180,3 +180,28 @@ def test_a_finished_stage_releases_its_optimizer_state():
     release_learner(SimpleNamespace(accelerator=accelerator), SimpleNamespace(optimizer=optimizer))
     assert len(optimizer.state) == 0 and optimizer not in accelerator._optimizers
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_checkpointing_runs_and_gives_the_same_gradients(tiny_model_dir):
+    """`model.gradient_checkpointing` checkpoints every layer in the update (transformers skips
+    it for a model left in eval mode, as from_pretrained returns it), with the same gradients;
+    the policy trains without dropout, so scoring passes and the update agree."""
+    from meml.core.config import ModelConfig
+    from meml.engines.model import load_policy
+
+    plain = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    ckpt = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True), str(tiny_model_dir))
+    assert plain.training and ckpt.training
+    layers = ckpt.model.layers
+    calls = []
+    for layer in layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=inner, **k: (calls.append(1), _f(*a, **k))[1]
+    items = _items()
+    want, _ = _grads(plain, items, budget=10_000)
+    got, _ = _grads(ckpt, items, budget=10_000)
+    assert len(calls) == len(layers)  # one forward pass, every layer checkpointed
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    assert all(m.p == 0.0 for m in ckpt.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(m.attention_dropout == 0.0 for m in ckpt.modules() if hasattr(m, "attention_dropout"))

@@ -287,6 +287,12 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
     except _loader_errors() as exc:
         raise _load_error("model", source, exc) from exc
     model.config.use_cache = False  # training forward passes never use the KV cache
+    # from_pretrained returns a model in eval mode, where transformers skips activation
+    # checkpointing (and PEFT switched LoRA runs, only them, to train mode). The policy
+    # trains in train mode, with the base model's own dropout off: the scoring passes
+    # (old and reference log-probs) and the update must compute the same function.
+    disable_dropout(model)
+    model.train()
     if cfg.gradient_checkpointing:
         # transformers >= 5.2x names it activation checkpointing; older releases gradient checkpointing
         if hasattr(model, "activation_checkpointing_enable"):
@@ -313,6 +319,17 @@ def load_policy(cfg: ModelConfig, source: str | None = None) -> torch.nn.Module:
                 f"model.lora: {exc}".splitlines()[0] + f" (model.lora.target_modules={list(cfg.lora.target_modules)})"
             ) from exc
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout of a model: its nn.Dropout modules and the dropout rates that
+    attention layers keep as plain floats (e.g. Llama's `attention_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
