@@ -17,8 +17,13 @@ Steps, each a `meml eval` in its own process (records and summaries kept under -
      success averages reach these rates);
   3. test: A sampled answers per (question, expert) with eval.coverage_split = that split:
      budget_coverage/* (split vs max(uniform, best single x A), paired bootstrap interval)
-     and the compute-matched coverage (uniform vs best single).
-The split is fitted on validation only; the test figures never choose anything.
+     and the compute-matched coverage (uniform vs best single);
+  4. from the two runs' per-sample records, the best fixed split: the split of A (at least
+     the bandit's floor each, and also with no floor) with the highest validation coverage
+     (eval/metrics.best_split), scored on test the same way. It bounds what any split rule
+     with that floor could have chosen from these validation answers.
+The splits are fitted on validation only; the test figures never choose anything.
+--reuse keeps an evaluation whose summary is already in --out-dir (step 4 on earlier runs).
 
 Writes bench/results/budget_coverage.json (with the commands that made it). Coverage does not
 depend on the machine's load; the run's wall time does (not a figure).
@@ -42,7 +47,9 @@ STUDY_MODEL = REPO / "runs" / "study" / "stage1-mef-s0"
 TASK = "task.options={difficulty: 3, train_size: 2000, validation_size: 100, test_size: 200}"
 
 
-def meml_eval(python: str, model: str, split: str, questions: int, extra: list[str], out: Path) -> dict:
+def meml_eval(
+    python: str, model: str, split: str, questions: int, extra: list[str], out: Path, reuse: bool = False
+) -> dict:
     cmd = [
         python,
         "-m",
@@ -56,6 +63,9 @@ def meml_eval(python: str, model: str, split: str, questions: int, extra: list[s
         *extra,
     ]
     print("$ " + " ".join(cmd), flush=True)
+    if reuse and (out / "summary.json").exists():
+        print(f"  (reused {out / 'summary.json'})", flush=True)
+        return {"command": " ".join(cmd[1:]), "reused": True, "summary": json.loads((out / "summary.json").read_text())}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -64,6 +74,31 @@ def meml_eval(python: str, model: str, split: str, questions: int, extra: list[s
         raise SystemExit(f"meml eval on {split} failed (exit {proc.returncode})")
     summary = json.loads((out / "summary.json").read_text())
     return {"command": " ".join(cmd[1:]), "wall_s": round(time.time() - t0, 1), "summary": summary}
+
+
+def fitted_splits(out_dir: Path, experts: list[str], budget: int, floor: int) -> dict:
+    """Step 4: the best fixed split on validation (with the bandit's floor, and with none),
+    scored on test against max(uniform, best single expert x A)."""
+    from meml.eval.evaluate import QuestionRecord, sample_counts
+    from meml.eval.metrics import best_split, budget_coverage
+
+    def counts(split: str):
+        lines = (out_dir / split / "records.jsonl").read_text().splitlines()
+        records = [QuestionRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+        return sample_counts(records, experts, budget)
+
+    (nv, cv), (nt, ct) = counts("validation"), counts("test")
+    out = {}
+    for name, m in (("floor", floor), ("no_floor", 0)):
+        split = best_split(nv, cv, budget, m)
+        result = budget_coverage(nt, ct, experts, split, resamples=5000, seed=0)
+        out[name] = {"floor": m, "split": dict(zip(experts, split)), "test": result.as_summary()}
+        print(
+            f"best split on validation (floor {m}) {split}: test coverage {result.coverage:.3f}; gain vs the better "
+            f"of uniform and best single {result.gain:+.3f} [{result.gain_low:+.3f}, {result.gain_high:+.3f}]",
+            flush=True,
+        )
+    return out
 
 
 def main() -> int:
@@ -78,6 +113,7 @@ def main() -> int:
     parser.add_argument("--out-dir", default=str(REPO / "runs" / "budget_coverage"))
     parser.add_argument("--out", default="budget_coverage.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 + 4 questions, 16 new tokens")
+    parser.add_argument("--reuse", action="store_true", help="keep evaluations already in --out-dir")
     args = parser.parse_args()
 
     from meml.algo.budget import split_budget
@@ -96,7 +132,7 @@ def main() -> int:
         *args.override,
     ]
     out_dir = Path(args.out_dir)
-    val = meml_eval(python, args.model, "validation", args.validation, common, out_dir / "validation")
+    val = meml_eval(python, args.model, "validation", args.validation, common, out_dir / "validation", args.reuse)
     s = val["summary"]
     experts = [k.removeprefix("pass@1/") for k in s if k.startswith("pass@1/") and k != "pass@1/best"]
     rates = [s[f"pass@1/{e}"] for e in experts]
@@ -110,6 +146,7 @@ def main() -> int:
         args.test,
         [*common, f"eval.coverage_split=[{','.join(map(str, split))}]"],
         out_dir / "test",
+        args.reuse,
     )
     t = test["summary"]
     figures = {k: v for k, v in t.items() if k.startswith(("budget_coverage/", "coverage/"))}
@@ -123,6 +160,7 @@ def main() -> int:
         "test": figures,
         "test_questions": t.get("sampled_questions"),
         "validation_questions": s.get("sampled_questions"),
+        "fitted_on_validation": fitted_splits(out_dir, experts, args.budget, b.min_per_expert),
         "commands": [val["command"], test["command"]],
         "quick": args.quick,
     }

@@ -2,6 +2,7 @@
 
     python bench/scaling.py                  # all three sweeps (about an hour on a quiet 2-core machine)
     python bench/scaling.py --sweeps length --lengths 64,128,256,512
+    python bench/scaling.py --sweeps settings   # the memory settings at the default shape
     python bench/scaling.py --plot-only      # redraw docs/img/scaling.png from bench/results/scaling.json
     python bench/scaling.py --questions 1 --total 4 --experts-list 1,2 --groups 2 --lengths 8,16 \\
         --steps 1 --warmup 0 --max-load 99 --out /tmp/scaling.json --plot /tmp/scaling.png   # smoke run
@@ -12,6 +13,11 @@ rollouts, --questions questions a step), each point in its own process:
            12, 6, 4, 3 by default); experts 1-3 are the default job's, the 4th an extra prompt
   group    G in --groups at 3 experts (3 x G answers per question)
   length   completion length in --lengths (64-512) at 3 experts x G = 4
+  settings the default shape (3 experts x G = 4, 128 tokens) under the memory settings in
+           SETTINGS: what activation checkpointing and smaller micro-batches cost in step time
+           for what they save in peak RSS
+A point that appears in more than one sweep (3 experts x G = 4 x 128 tokens is in all four)
+is measured once.
 Lengths are forced: every completion runs to exactly max_new_tokens (stop tokens masked
 until then, bench/common.py:force_lengths), so the length on the x axis is the length that
 was measured, and every sequence is trained (zero-advantage ones included) with IML and HSFT
@@ -57,6 +63,19 @@ FOURTH_EXPERT = {
 }
 
 
+# memory settings (the `settings` sweep), each a list of overrides on top of the point's shape
+SETTINGS = {
+    "default": [],
+    "micro2048": ["train.micro_batch_tokens=2048"],
+    "checkpointing": ["model.gradient_checkpointing=true"],
+    "low_memory": [
+        "model.gradient_checkpointing=true",
+        "train.micro_batch_tokens=2048",
+        "train.logit_chunk_tokens=512",
+    ],
+}
+
+
 def points(args) -> list[dict]:
     out = []
     sweeps = args.sweeps.split(",")
@@ -71,6 +90,15 @@ def points(args) -> list[dict]:
     if "length" in sweeps:
         for n in map(int, args.lengths.split(",")):
             out.append({"sweep": "length", "x": n, "experts": 3, "group": args.length_group, "length": n})
+    if "settings" in sweeps:
+        for name in args.settings.split(","):
+            if name not in SETTINGS:
+                raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+            out.append({"sweep": "settings", "x": name, "experts": 3, "group": 4, "length": args.length})
+    for p in out:
+        p.setdefault("settings", "default")
+        if p["sweep"] == "settings":
+            p["settings"] = p["x"]
     return out
 
 
@@ -98,14 +126,14 @@ def child(args) -> dict:
             "algo.hsft.enabled": str(args.with_iml_hsft).lower(),
             "algo.hsft.max_wrong": max(0, min(3, args.group - 1)),
         }.items()
-    ]
+    ] + SETTINGS[args.settings]
 
     def set_experts(cfg) -> None:
         experts = [*cfg.experts, ExpertConfig(**FOURTH_EXPERT)]
         cfg.experts = experts[: args.experts]
 
     run = meml_steps("meml", overrides, skip_zero=False, on_session=force_lengths, edit_config=set_experts)
-    run["point"] = {"experts": args.experts, "group": args.group, "length": args.length}
+    run["point"] = {"experts": args.experts, "group": args.group, "length": args.length, "settings": args.settings}
     return run
 
 
@@ -144,16 +172,20 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [s for s in ("experts", "group", "length") if any(p["sweep"] == s for p in report["points"])]
+    sweeps = [s for s in ("experts", "group", "length", "settings") if any(p["sweep"] == s for p in report["points"])]
     titles = {
         "experts": f"experts (total {report['config']['total']} answers / question)",
         "group": "G (answers per expert, 3 experts)",
         "length": f"completion length (3 experts x G={report['config']['length_group']})",
+        "settings": "memory settings (3 experts x G=4)",
     }
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     for ax, sweep in zip(axes[0], sweeps):
-        pts = sorted((p for p in report["points"] if p["sweep"] == sweep and "summary" in p), key=lambda p: p["x"])
-        xs = [p["x"] for p in pts]
+        pts = [p for p in report["points"] if p["sweep"] == sweep and "summary" in p]
+        if sweep != "settings":
+            pts.sort(key=lambda p: p["x"])
+        labels = [str(p["x"]) for p in pts]
+        xs = list(range(len(pts))) if sweep == "settings" else [p["x"] for p in pts]
         sm = [p["summary"] for p in pts]
         means, sds = [s["step_time_s"]["mean"] for s in sm], [s["step_time_s"]["sd"] for s in sm]
         ax.errorbar(xs, means, yerr=sds, marker="o", label="step")
@@ -169,7 +201,7 @@ def plot(report: dict, path: Path) -> None:
         mem.set_ylabel("peak RSS (GB)", color="grey")
         mem.set_ylim(bottom=0)
         ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xticklabels(labels, fontsize=8 if sweep == "settings" else None)
         if ax is axes[0][0]:
             lines = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
             ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="upper left")
@@ -182,7 +214,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweeps", default="experts,group,length")
+    parser.add_argument("--sweeps", default="experts,group,length,settings")
     parser.add_argument("--questions", type=int, default=4, help="questions per RL step")
     parser.add_argument("--total", type=int, default=12, help="answers per question in the experts sweep")
     parser.add_argument("--experts-list", default="1,2,3,4")
@@ -190,6 +222,7 @@ def main() -> int:
     parser.add_argument("--lengths", default="64,128,256,512")
     parser.add_argument("--length", type=int, default=128, help="completion length outside the length sweep")
     parser.add_argument("--length-group", type=int, default=4, help="G in the length sweep")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="memory settings in the settings sweep")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,21 +248,29 @@ def main() -> int:
         "machine": machine(),
         "points": [],
     }
+    measured: dict[tuple, dict] = {}  # (experts, group, length, settings) -> its result, shared by sweeps
     for p in points(args):
+        key = (p["experts"], p["group"], p["length"], p["settings"])
+        if key in measured:
+            report["points"].append({**p, **measured[key], "same_as": list(key)})
+            continue
         argv = [
             *("--child", "--experts", str(p["experts"]), "--group", str(p["group"]), "--length", str(p["length"])),
+            *("--settings", p["settings"]),
             *("--questions", str(args.questions), "--steps", str(args.steps), "--seed", str(args.seed)),
             *(["--with-iml-hsft"] if args.with_iml_hsft else []),
         ]
         wait_for_quiet(args.max_load, args.wait_s)
-        label = f"{p['sweep']}={p['x']} ({p['experts']} experts x G={p['group']}, {p['length']} tokens)"
+        shape = f"{p['experts']} experts x G={p['group']}, {p['length']} tokens, {p['settings']}"
+        label = f"{p['sweep']}={p['x']} ({shape})"
         try:
             run = run_child([sys.executable, __file__, *argv], label=label)
         except SystemExit as exc:
             report["points"].append({**p, "error": str(exc)})
             continue
         sm = summarize(run, args.warmup)
-        report["points"].append({**p, "summary": sm, "steps": run["steps"], "load_1m": run["load_1m"]})
+        measured[key] = {"summary": sm, "steps": run["steps"], "load_1m": run["load_1m"]}
+        report["points"].append({**p, **measured[key]})
         print(
             f"   step {sm['step_time_s']['mean']:.1f} s (sd {sm['step_time_s']['sd']:.1f}; generate "
             f"{sm['generate_s']:.1f}, update {sm['update_s']:.1f}), {sm['completion_tokens']:.0f} tokens, "

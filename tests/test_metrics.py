@@ -227,3 +227,30 @@ def test_budget_coverage_compares_with_the_better_of_uniform_and_the_best_single
     assert lopsided.coverage == pytest.approx(0.5) and lopsided.gain == pytest.approx(0.5 - p6)
     with pytest.raises(ValueError, match="needs >= 12 samples"):
         budget_coverage(np.array([[8, 8]]), np.array([[1, 1]]), ["a", "b"], [6, 6])
+
+
+def test_splits_enumerates_every_split_with_the_floor():
+    from meml.eval.metrics import splits
+
+    assert splits(4, 2, floor=1) == [[1, 3], [2, 2], [3, 1]]
+    assert splits(3, 3, floor=1) == [[1, 1, 1]]
+    assert splits(2, 3, floor=1) == []
+    assert len(splits(12, 3, floor=2)) == 28  # 6 spare answers over 3 experts: C(8, 2)
+    assert all(sum(s) == 12 and min(s) >= 2 for s in splits(12, 3, floor=2))
+
+
+def test_best_split_by_hand():
+    from meml.eval.metrics import best_split
+
+    # 4 samples per (question, expert). Question 1: expert 0 right on 1 of 4, expert 1 never.
+    # Question 2: expert 0 never, expert 1 right on 2 of 4. Budget 2 answers, floor 0:
+    #   [2, 0]: q1 1 - C(3,2)/C(4,2) = 1/2, q2 0   -> mean 1/4
+    #   [1, 1]: q1 1/4, q2 2/4                      -> mean 3/8
+    #   [0, 2]: q1 0,  q2 1 - C(2,2)/C(4,2) = 5/6   -> mean 5/12 (the best)
+    n, c = np.array([[4, 4], [4, 4]]), np.array([[1, 0], [0, 2]])
+    assert best_split(n, c, 2) == [0, 2]
+    assert best_split(n, c, 2, floor=1) == [1, 1]  # the only split with one each
+    # all splits equal (nothing is ever right): the first one
+    assert best_split(np.array([[4, 4]]), np.array([[0, 0]]), 2) == [0, 2]
+    with pytest.raises(ValueError, match="cannot give 2 experts 2 each"):
+        best_split(n, c, 2, floor=2)

@@ -196,19 +196,29 @@ def summarize(records: list[QuestionRecord], expert_names: list[str], cfg: EvalC
     return summary
 
 
-def sampled_summary(
-    records: list[QuestionRecord], expert_names: list[str], samples: int, cfg: EvalConfig, group_size: int
-) -> dict:
-    """pass@k, sampled majority, compute-matched coverage and zero-signal groups."""
+def sample_counts(
+    records: list[QuestionRecord], expert_names: list[str], samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scored and correct samples per (question, expert), (Q', E) each, over the questions
+    where every one of the `samples` answers of every expert was scored."""
 
     def counts(answers: list[Answer]) -> tuple[int, int]:
         valid = [a.score for a in answers if a.score is not None]
         return len(valid), sum(v == 1 for v in valid)
 
     pairs = np.array([[counts(r.experts[name].samples) for name in expert_names] for r in records])  # (Q, E, 2)
+    if not len(pairs):
+        return np.zeros((0, len(expert_names)), dtype=int), np.zeros((0, len(expert_names)), dtype=int)
     full = (pairs[:, :, 0] == samples).all(1)  # questions where every sample was scored
-    n, c = pairs[full, :, 0], pairs[full, :, 1]  # (Q', E)
-    out: dict = {"samples": samples, "sampled_questions": int(full.sum())}
+    return pairs[full, :, 0], pairs[full, :, 1]
+
+
+def sampled_summary(
+    records: list[QuestionRecord], expert_names: list[str], samples: int, cfg: EvalConfig, group_size: int
+) -> dict:
+    """pass@k, sampled majority, compute-matched coverage and zero-signal groups."""
+    n, c = sample_counts(records, expert_names, samples)
+    out: dict = {"samples": samples, "sampled_questions": len(n)}
     for k in sorted(k for k in cfg.pass_k if 1 <= k <= samples):
         per_expert = pass_at_k(n, c, k).mean(0) if len(n) else np.zeros(len(expert_names))
         out.update({f"pass@{k}/{name}": float(v) for name, v in zip(expert_names, per_expert)})

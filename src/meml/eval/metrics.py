@@ -193,6 +193,29 @@ def split_pass(n, c, split) -> np.ndarray:
     return 1.0 - none
 
 
+def splits(total: int, experts: int, floor: int = 0) -> list[list[int]]:
+    """Every way to give `experts` experts `total` answers, at least `floor` each.
+
+    >>> splits(4, 2, floor=1)
+    [[1, 3], [2, 2], [3, 1]]
+    """
+    if experts == 1:
+        return [[total]] if total >= floor else []
+    return [[k, *rest] for k in range(floor, total + 1) for rest in splits(total - k, experts - 1, floor)]
+
+
+def best_split(n, c, total: int, floor: int = 0) -> list[int]:
+    """The split of `total` answers (at least `floor` per expert) with the highest mean
+    coverage (split_pass) over the questions of n, c: (Q, N). Ties go to the earlier split
+    in `splits` order. Fitted on one split of the data, it is scored on another."""
+    n, c = np.asarray(n), np.asarray(c)
+    candidates = splits(total, n.shape[1], floor)
+    if not candidates:
+        raise ValueError(f"{total} answers cannot give {n.shape[1]} experts {floor} each")
+    means = [float(split_pass(n, c, s).mean()) for s in candidates]
+    return candidates[int(np.argmax(means))]
+
+
 @dataclass
 class BudgetCoverage:
     """Coverage at a fixed budget of A answers per question, split as given (e.g. by the
