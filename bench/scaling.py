@@ -67,6 +67,7 @@ FOURTH_EXPERT = {
 SETTINGS = {
     "default": [],
     "micro2048": ["train.micro_batch_tokens=2048"],
+    "micro1024": ["train.micro_batch_tokens=1024"],
     "checkpointing": ["model.gradient_checkpointing=true"],
     "low_memory": [
         "model.gradient_checkpointing=true",

@@ -205,3 +205,47 @@ def test_gradient_checkpointing_runs_and_gives_the_same_gradients(tiny_model_dir
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
     assert all(m.p == 0.0 for m in ckpt.modules() if isinstance(m, torch.nn.Dropout))
     assert all(m.attention_dropout == 0.0 for m in ckpt.modules() if hasattr(m, "attention_dropout"))
+
+
+HEAP_PROBE = """
+import ctypes, sys
+from meml.train.loop import _glibc, map_large_blocks
+
+libc = _glibc()
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+if sys.argv[1] == "mapped":
+    map_large_blocks()
+size = 2 << 20
+first = libc.malloc(2 * size); ctypes.memset(first, 1, 2 * size); libc.free(first)  # glibc's threshold rises
+before = rss_mb()
+blocks = [libc.malloc(size) for _ in range(100)]
+for b in blocks:
+    ctypes.memset(b, 1, size)
+above = libc.malloc(1 << 20); ctypes.memset(above, 1, 1 << 20)  # the heap's top cannot shrink past it
+for b in blocks:
+    libc.free(b)
+print(round(rss_mb() - before))
+"""
+
+
+def test_freed_activation_sized_blocks_leave_resident_memory(tmp_path):
+    """After map_large_blocks (called by train), 100 freed 2 MiB blocks are given back to the
+    OS at once; with glibc's default dynamic threshold they stay resident (the creep of RSS
+    across steps that bench/memory.py showed)."""
+    import subprocess
+    import sys
+
+    from meml.train.loop import _glibc
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    held = {}
+    for mode in ("plain", "mapped"):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        held[mode] = int(out.stdout.strip())
+    assert held["plain"] >= 150 and held["mapped"] <= 10, held
