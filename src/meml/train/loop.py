@@ -67,7 +67,6 @@ def train(cfg: Config, preset: str | None = None, overwrite: bool = False) -> di
     "stopped": {"stage", "step", "signal"} (`meml train` then exits with 128 + signal).
     A step that fails raises `StepFailed` (`meml train` exits with 1).
     """
-    map_large_blocks()
     work = open_workload(cfg, preset)  # config, data and rewards checked first
     resume = find_resume_checkpoint(cfg, work.run_dir, overwrite)
     check_resume_model(cfg, resume)  # a LoRA checkpoint needs model.lora.enabled=true, a full one false
@@ -242,28 +241,11 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def map_large_blocks() -> None:
-    """Have glibc serve every block of 1 MiB or more with its own mmap, given back on free.
-
-    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed,
-    after which activations of a few MiB come from the heap's arenas, where freed space
-    fragments and RSS creeps up step after step. A fixed threshold, as MALLOC_MMAP_THRESHOLD_
-    would set, keeps tensors of that size out of the arenas (bench/memory.py)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 @functools.cache
 def _glibc():
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         return libc
     except (OSError, AttributeError):  # not glibc: nothing to trim
         return None
