@@ -1,8 +1,7 @@
 """Helpers shared by the bench scripts: child processes with their own peak RSS, timers
 wrapped around functions from outside the hot path, the load check, JSON output.
 
-Not an entry point; `bench/trl_compare.py`, `bench/expert_overhead.py`, `bench/mfu.py` and
-`bench/learning.py` import it.
+Not an entry point; the bench scripts import it.
 """
 
 from __future__ import annotations
@@ -132,6 +131,42 @@ def machine() -> dict:
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sd, min, max and count of a list of measurements (sd 0 for one value)."""
+    import statistics
+
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def rl_only_overrides(
+    output_dir: str, seed: int, steps: int, questions: int, generations: int, max_new_tokens: int, **extra
+) -> list[str]:
+    """`meml train` overrides for a job of RL steps alone: no stage 1, no evaluation, no
+    progress bar, HSFT's K at most G - 1. `extra` adds or replaces settings (dotted keys
+    given as a dict: `**{"rollout.backend": "vllm"}`)."""
+    settings = {
+        "output_dir": output_dir,
+        "seed": seed,
+        "train.steps": steps,
+        "train.questions_per_step": questions,
+        "rollout.num_generations_per_expert": generations,
+        "rollout.max_new_tokens": max_new_tokens,
+        "sft.enabled": "false",
+        "eval.before": "false",
+        "eval.after": "false",
+        "log.progress": "false",
+        "algo.hsft.max_wrong": max(0, min(3, generations - 1)),
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
 
 
 # ----------------------------------------------------------------------------- meml RL steps, instrumented

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine, mean, meml_steps, run_child, wait_for_quiet, write_json  # noqa: E402
+from common import emit, machine, mean, meml_steps, rl_only_overrides, run_child, wait_for_quiet, write_json  # noqa: E402
 
 ARMS = {
     "meml": ("meml", 4, []),
@@ -40,24 +40,18 @@ ARMS = {
 def child(args) -> dict:
     preset, group, extra = ARMS[args.arm]
     out = tempfile.mkdtemp(prefix=f"overhead-{args.arm}-")
-    overrides = [
-        f"{k}={v}"
-        for k, v in {
-            "output_dir": out,
-            "seed": args.seed,
-            "rollout.backend": args.backend,
-            "train.steps": args.steps,
-            "train.questions_per_step": args.questions,
-            "rollout.num_generations_per_expert": group,
-            "rollout.max_new_tokens": args.max_new_tokens,
-            "rollout.sequences_per_generate": 48,
-            "sft.enabled": "false",
-            "eval.before": "false",
-            "eval.after": "false",
-            "log.progress": "false",
-            "algo.hsft.max_wrong": min(3, group - 1),
-        }.items()
-    ] + extra
+    overrides = (
+        rl_only_overrides(
+            out,
+            args.seed,
+            args.steps,
+            args.questions,
+            group,
+            args.max_new_tokens,
+            **{"rollout.backend": args.backend, "rollout.sequences_per_generate": 48},
+        )
+        + extra
+    )
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     return meml_steps(preset, overrides)

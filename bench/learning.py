@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_json  # noqa: E402
+from common import REPO, spread, write_json  # noqa: E402
 
 ARMS = {  # arm: (preset, answers per (question, expert), stage-1 variant)
     "meml": ("meml", 4, "mef"),
@@ -200,17 +200,8 @@ def read_run(d: Path) -> dict:
     }
 
 
-def spread(values: list[float]) -> dict:
-    import statistics
-
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-        "values": values,
-    }
+def spread_of(values: list[float]) -> dict:
+    return {**spread(values), "values": values}
 
 
 def plot(args) -> int:
@@ -373,21 +364,21 @@ def plot(args) -> int:
             "completion_len",
             "truncated_frac",
         ):
-            agg[key] = spread([v[key] for v in per_seed.values()])
+            agg[key] = spread_of([v[key] for v in per_seed.values()])
         for which in ("start", "final"):
             for k in ("acc/best", "acc/tutor", "acc/any", "acc/majority"):
                 vals = [v[which][k] for v in per_seed.values() if v[which][k] is not None]
                 if vals:
-                    agg[f"{which}/{k}"] = spread(vals)
+                    agg[f"{which}/{k}"] = spread_of(vals)
         gains = [v["final"]["acc/best"] - v["start"]["acc/best"] for v in per_seed.values()]
-        agg["gain/acc/best"] = spread(gains)
+        agg["gain/acc/best"] = spread_of(gains)
         gains_t = [
             v["final"]["acc/tutor"] - v["start"]["acc/tutor"]
             for v in per_seed.values()
             if v["final"]["acc/tutor"] is not None
         ]
         if gains_t:
-            agg["gain/acc/tutor"] = spread(gains_t)
+            agg["gain/acc/tutor"] = spread_of(gains_t)
         summary["arms"][arm] = {"per_seed": per_seed, "over_seeds": agg}
     write_json("learning.json", summary)
     print(

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, emit, machine, meml_steps, run_child, wait_for_quiet, write_json  # noqa: E402
+from common import REPO, emit, machine, meml_steps, rl_only_overrides, run_child, wait_for_quiet, write_json  # noqa: E402
 
 
 def matmul_rate(m: int, k: int, n: int, threads: int, seconds: float = 1.0, repeats: int = 5) -> float:
@@ -76,23 +76,15 @@ def child(args) -> dict:
     import torch
 
     out = tempfile.mkdtemp(prefix="mfu-")
-    overrides = [
-        f"{k}={v}"
-        for k, v in {
-            "output_dir": out,
-            "seed": args.seed,
-            "rollout.backend": args.backend,
-            "train.steps": args.steps,
-            "train.questions_per_step": args.questions,
-            "rollout.num_generations_per_expert": args.generations,
-            "rollout.max_new_tokens": args.max_new_tokens,
-            "sft.enabled": "false",
-            "eval.before": "false",
-            "eval.after": "false",
-            "log.progress": "false",
-            "algo.hsft.max_wrong": min(3, args.generations - 1),
-        }.items()
-    ]
+    overrides = rl_only_overrides(
+        out,
+        args.seed,
+        args.steps,
+        args.questions,
+        args.generations,
+        args.max_new_tokens,
+        **{"rollout.backend": args.backend},
+    )
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     threads = torch.get_num_threads()

@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import force_lengths, machine, meml_steps, wait_for_quiet, write_json  # noqa: E402
+from common import force_lengths, machine, meml_steps, rl_only_overrides, wait_for_quiet, write_json  # noqa: E402
 
 CATEGORIES = (  # first match wins; names are aten op names
     ("attention", ("attention", "sdpa", "_flash", "_efficient")),
@@ -160,22 +160,14 @@ def main() -> int:
     parser.add_argument("--out", default="profile_update.json")
     args = parser.parse_args()
     load = wait_for_quiet(args.max_load, args.wait_s)
-    overrides = [
-        f"{k}={v}"
-        for k, v in {
-            "output_dir": tempfile.mkdtemp(prefix="profile-update-"),
-            "seed": args.seed,
-            "train.steps": args.steps,
-            "train.questions_per_step": args.questions,
-            "rollout.num_generations_per_expert": args.generations,
-            "rollout.max_new_tokens": args.max_new_tokens,
-            "sft.enabled": "false",
-            "eval.before": "false",
-            "eval.after": "false",
-            "log.progress": "false",
-            "algo.hsft.max_wrong": min(3, args.generations - 1),
-        }.items()
-    ]
+    overrides = rl_only_overrides(
+        tempfile.mkdtemp(prefix="profile-update-"),
+        args.seed,
+        args.steps,
+        args.questions,
+        args.generations,
+        args.max_new_tokens,
+    )
     overrides += [f"model.name_or_path={args.model}"] if args.model else []
     overrides += args.override
     record: dict = {}

@@ -51,7 +51,9 @@ from common import (  # noqa: E402
     force_lengths,
     machine,
     meml_steps,
+    rl_only_overrides,
     run_child,
+    spread,
     wait_for_quiet,
 )
 
@@ -110,24 +112,21 @@ def child(args) -> dict:
     from meml.core.config import ExpertConfig
 
     out = tempfile.mkdtemp(prefix="scaling-")
-    overrides = [
-        f"{k}={v}"
-        for k, v in {
-            "output_dir": out,
-            "seed": args.seed,
-            "train.steps": args.steps,
-            "train.questions_per_step": args.questions,
-            "rollout.num_generations_per_expert": args.group,
-            "rollout.max_new_tokens": args.length,
-            "sft.enabled": "false",
-            "eval.before": "false",
-            "eval.after": "false",
-            "log.progress": "false",
-            "algo.iml.enabled": str(args.with_iml_hsft).lower(),
-            "algo.hsft.enabled": str(args.with_iml_hsft).lower(),
-            "algo.hsft.max_wrong": max(0, min(3, args.group - 1)),
-        }.items()
-    ] + SETTINGS[args.settings]
+    overrides = (
+        rl_only_overrides(
+            out,
+            args.seed,
+            args.steps,
+            args.questions,
+            args.group,
+            args.length,
+            **{
+                "algo.iml.enabled": str(args.with_iml_hsft).lower(),
+                "algo.hsft.enabled": str(args.with_iml_hsft).lower(),
+            },
+        )
+        + SETTINGS[args.settings]
+    )
 
     def set_experts(cfg) -> None:
         experts = [*cfg.experts, ExpertConfig(**FOURTH_EXPERT)]
@@ -147,12 +146,7 @@ def summarize(run: dict, warmup: int) -> dict:
 
     return {
         "measured_steps": len(measured),
-        "step_time_s": {
-            "mean": statistics.fmean(times),
-            "sd": statistics.stdev(times) if len(times) > 1 else 0.0,
-            "min": min(times),
-            "max": max(times),
-        },
+        "step_time_s": spread(times),
         "generate_s": statistics.fmean(st["parts"].get("generate", 0.0) for st in measured),
         "update_s": avg("time/update_s"),
         "completion_tokens": statistics.fmean(st["completion_tokens"] for st in measured),

@@ -59,7 +59,6 @@ the same work. Writes bench/results/trl_compare.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,7 @@ from common import (  # noqa: E402
     mean,
     meml_steps,
     run_child,
+    spread,
     wait_for_quiet,
     write_json,
 )
@@ -328,16 +328,6 @@ def trl_side(args, options: set[str]) -> dict:
 
 
 PART_ORDER = ("generate", "reward", "forward", "backward", "clip", "optimizer", "sync")
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
 
 
 def summarize(result: dict, warmup: int, expected_tokens: int | None) -> dict:
