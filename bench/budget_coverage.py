@@ -13,15 +13,17 @@ Steps, each a `meml eval` in its own process (records and summaries kept under -
   1. validation (task.eval_split=validation): A sampled answers per (question, expert);
      each expert's success rate s_i = its pass@1 there;
   2. the split the adaptive budget makes from those rates (algo/budget.split_budget with
-     rollout.budget's floor and temperature: the split a training run settles on once its
-     success averages reach these rates);
+     rollout.budget's floor, temperature and scale: the split a training run settles on once
+     its success averages reach these rates);
   3. test: A sampled answers per (question, expert) with eval.coverage_split = that split:
      budget_coverage/* (split vs max(uniform, best single x A), paired bootstrap interval)
      and the compute-matched coverage (uniform vs best single);
   4. from the two runs' per-sample records, the best fixed split: the split of A (at least
      the bandit's floor each, and also with no floor) with the highest validation coverage
      (eval/metrics.best_split), scored on test the same way. It bounds what any split rule
-     with that floor could have chosen from these validation answers.
+     with that floor could have chosen from these validation answers. The same records also
+     score the split of each `rollout.budget.scale` (linear, log) at the configured floor and
+     temperature.
 The splits are fitted on validation only; the test figures never choose anything.
 --reuse keeps an evaluation whose summary is already in --out-dir (step 4 on earlier runs).
 
@@ -76,11 +78,15 @@ def meml_eval(
     return {"command": " ".join(cmd[1:]), "wall_s": round(time.time() - t0, 1), "summary": summary}
 
 
-def fitted_splits(out_dir: Path, experts: list[str], budget: int, floor: int) -> dict:
-    """Step 4: the best fixed split on validation (with the bandit's floor, and with none),
-    scored on test against max(uniform, best single expert x A)."""
+def fitted_splits(out_dir: Path, experts: list[str], budget: int, rates: list[float], rule) -> dict:
+    """Step 4: the best fixed split on validation (with the bandit's floor, and with none), and
+    the split of each scale of the budget's rule, scored on test against max(uniform, best
+    single expert x A)."""
+    from meml.algo.budget import split_budget
     from meml.eval.evaluate import QuestionRecord, sample_counts
     from meml.eval.metrics import best_split, budget_coverage
+
+    floor = rule.min_per_expert
 
     def counts(split: str):
         lines = (out_dir / split / "records.jsonl").read_text().splitlines()
@@ -88,14 +94,18 @@ def fitted_splits(out_dir: Path, experts: list[str], budget: int, floor: int) ->
         return sample_counts(records, experts, budget)
 
     (nv, cv), (nt, ct) = counts("validation"), counts("test")
+    candidates = {
+        f"scale_{scale}": split_budget(budget, rates, floor, rule.temperature, scale) for scale in ("linear", "log")
+    }
+    candidates |= {"floor": best_split(nv, cv, budget, floor), "no_floor": best_split(nv, cv, budget, 0)}
     out = {}
-    for name, m in (("floor", floor), ("no_floor", 0)):
-        split = best_split(nv, cv, budget, m)
+    for name, split in candidates.items():
+        m = 0 if name == "no_floor" else floor
         result = budget_coverage(nt, ct, experts, split, resamples=5000, seed=0)
         out[name] = {"floor": m, "split": dict(zip(experts, split)), "test": result.as_summary()}
         print(
-            f"best split on validation (floor {m}) {split}: test coverage {result.coverage:.3f}; gain vs the better "
-            f"of uniform and best single {result.gain:+.3f} [{result.gain_low:+.3f}, {result.gain_high:+.3f}]",
+            f"{name}: split {split} (floor {m}), fitted on validation: test coverage {result.coverage:.3f}; gain vs "
+            f"max(uniform, best single) {result.gain:+.3f} [{result.gain_low:+.3f}, {result.gain_high:+.3f}]",
             flush=True,
         )
     return out
@@ -137,7 +147,7 @@ def main() -> int:
     experts = [k.removeprefix("pass@1/") for k in s if k.startswith("pass@1/") and k != "pass@1/best"]
     rates = [s[f"pass@1/{e}"] for e in experts]
     b = BudgetConfig()
-    split = split_budget(args.budget, rates, b.min_per_expert, b.temperature)
+    split = split_budget(args.budget, rates, b.min_per_expert, b.temperature, b.scale)
     print(f"validation pass@1 {dict(zip(experts, [round(r, 3) for r in rates]))} -> split {split}", flush=True)
     test = meml_eval(
         python,
@@ -156,11 +166,11 @@ def main() -> int:
         "experts": experts,
         "validation_pass1": dict(zip(experts, rates)),
         "split": dict(zip(experts, split)),
-        "split_rule": {"floor": b.min_per_expert, "temperature": b.temperature},
+        "split_rule": {"floor": b.min_per_expert, "temperature": b.temperature, "scale": b.scale},
         "test": figures,
         "test_questions": t.get("sampled_questions"),
         "validation_questions": s.get("sampled_questions"),
-        "fitted_on_validation": fitted_splits(out_dir, experts, args.budget, b.min_per_expert),
+        "fitted_on_validation": fitted_splits(out_dir, experts, args.budget, rates, b),
         "commands": [val["command"], test["command"]],
         "quick": args.quick,
     }

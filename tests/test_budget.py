@@ -8,7 +8,7 @@ import random
 import pytest
 
 import meml.train.rl_step as riel
-from meml.algo.budget import ExpertBudget, hsft_max_wrong, split_budget
+from meml.algo.budget import ExpertBudget, budget_weights, hsft_max_wrong, split_budget
 from meml.core.errors import ConfigError
 from meml.core.load import load_config
 from meml.engines.base import Generation
@@ -29,6 +29,25 @@ def test_split_by_hand():
     assert split_budget(12, [0.8, 0.2, 0.2], floor=2, temperature=0.2) == [8, 2, 2]
 
 
+def test_the_log_scale_by_hand_and_it_is_scale_free():
+    # log scale at tau 1: w proportional to s = [4, 1, 1] / 6; spare 6 -> [4, 1, 1] exactly
+    assert split_budget(12, [0.04, 0.01, 0.01], 2, 1.0, scale="log") == [6, 3, 3]
+    assert split_budget(12, [0.8, 0.2, 0.2], 2, 1.0, scale="log") == [6, 3, 3]  # every rate x 20: same split
+    # tau 0.5: w ~ s^2 = [9, 1, 0] / 10 -> 6 w = [5.4, 0.6, 0]; whole [5, 0, 0], the one left to the 0.6 remainder
+    assert split_budget(12, [0.03, 0.01, 0.0], 2, 0.5, scale="log") == [7, 3, 2]
+    # the linear scale at tau 0.1 sees exp([0.3, 0.1, 0]) = [1.350, 1.105, 1] -> 6 w = [2.34, 1.92, 1.74]:
+    # whole [2, 1, 1], the two left to the 0.92 and 0.74 remainders -> the even split
+    assert split_budget(12, [0.03, 0.01, 0.0], 2, 0.1) == [4, 4, 4]
+    # the study's validation rates (docs/benchmarks.md): linear gives [4, 4, 4], log the tutor's [8, 2, 2]
+    assert split_budget(12, [0.038, 0.008, 0.015], 2, 0.1) == [4, 4, 4]
+    assert split_budget(12, [0.038, 0.008, 0.015], 2, 0.1, scale="log") == [8, 2, 2]
+    # every rate 0: nothing to rank, the even split (ties to the earlier expert)
+    assert split_budget(14, [0.0, 0.0, 0.0], 2, 0.1, scale="log") == [5, 5, 4]
+    assert budget_weights([1e-300, 1e-300], 0.01, "log") == [0.5, 0.5]  # ratios, not powers that underflow
+    with pytest.raises(ValueError, match="unknown scale"):
+        budget_weights([0.1, 0.2], 0.1, "logit")
+
+
 def test_equal_rates_split_evenly_and_remainder_ties_go_to_the_earlier_expert():
     assert split_budget(12, [0.4, 0.4, 0.4], 2, 0.1) == [4, 4, 4]
     assert split_budget(13, [0.4, 0.4, 0.4], 2, 0.1) == [5, 4, 4]  # spare 7: 7/3 each, one left over
@@ -42,8 +61,10 @@ def test_the_floor_holds_however_lopsided_the_rates():
     for _ in range(200):
         n, floor = rng.randint(1, 5), rng.randint(1, 3)
         total = n * floor + rng.randint(0, 20)
-        sizes = split_budget(total, [rng.random() for _ in range(n)], floor, rng.choice([0.01, 0.1, 1.0]))
-        assert sum(sizes) == total and min(sizes) >= floor
+        rates = [rng.choice([0.0, rng.random()]) for _ in range(n)]
+        for scale in ("linear", "log"):
+            sizes = split_budget(total, rates, floor, rng.choice([0.01, 0.1, 1.0]), scale)
+            assert sum(sizes) == total and min(sizes) >= floor
     with pytest.raises(ValueError):
         split_budget(5, [0.0, 0.0, 0.0], 2, 0.1)
 
@@ -78,6 +99,8 @@ def test_budget_settings_are_checked():
         load_config(None, ["rollout.budget.enabled=true", "rollout.budget.answers_per_question=5"])
     with pytest.raises(ConfigError, match="rollout.budget.smoothing"):
         load_config(None, ["rollout.budget.smoothing=1.5"])
+    with pytest.raises(ConfigError, match="rollout.budget.scale='logg'.*Did you mean 'log'"):
+        load_config(None, ["rollout.budget.scale=logg"])
     with pytest.raises(ConfigError, match="rollout.budget.temperature"):
         load_config(None, ["rollout.budget.temperature=0"])
     assert load_config("adaptive_budget").rollout.budget.enabled

@@ -3,12 +3,18 @@ experts by how well each has been doing lately (a bandit over experts), with a f
 
 Each expert i keeps an exponential average s_i of its success rate (the fraction of its
 answers the verifier accepted in a step). A step first gives every expert m answers, then
-splits the rest, R = A - N m, by a softmax of the averages at temperature tau, rounding by
-largest remainders:
+splits the rest, R = A - N m, by a softmax of the averages at temperature tau, read on a
+linear or a log scale (`scale`), rounding by largest remainders:
 
-    w_i = exp(s_i / tau) / sum_j exp(s_j / tau)
+    linear:  w_i = exp(s_i / tau) / sum_j exp(s_j / tau)
+    log:     w_i = s_i^(1/tau) / sum_j s_j^(1/tau)        (the softmax of log s_i at tau)
     n_i = m + floor(R w_i), plus one more for the R - sum_j floor(R w_j) experts with the
           largest remainders R w_i - floor(R w_i) (ties: the earlier expert)
+
+The linear scale compares absolute rates: rates of a few percent look alike at tau = 0.1 and
+split evenly. The log scale is scale-free (multiplying every rate by c leaves the split as it
+is): it compares ratios, so 0.04 against 0.01 weighs like 0.8 against 0.2. An expert at 0
+gets only the floor; when every rate is 0 the split is even.
 
 After the step, with c_i correct of a_i answers (all processes):
 
@@ -36,13 +42,29 @@ def softmax(values: Sequence[float], temperature: float) -> list[float]:
     return [e / total for e in exps]
 
 
-def split_budget(total: int, rates: Sequence[float], floor: int, temperature: float) -> list[int]:
-    """Answers per expert: the floor each, the rest by a softmax of `rates`, largest remainders."""
+def budget_weights(rates: Sequence[float], temperature: float, scale: str = "linear") -> list[float]:
+    """Each expert's share of the spare answers: a softmax of the rates (linear) or of their logs (log)."""
+    if scale == "linear":
+        return softmax(rates, temperature)
+    if scale != "log":
+        raise ValueError(f"unknown scale {scale!r}: linear or log")
+    if max(rates) <= 0:
+        return [1 / len(rates)] * len(rates)
+    top = max(rates)
+    powers = [(r / top) ** (1 / temperature) if r > 0 else 0.0 for r in rates]  # over the top: no underflow to 0/0
+    total = sum(powers)
+    return [p / total for p in powers]
+
+
+def split_budget(
+    total: int, rates: Sequence[float], floor: int, temperature: float, scale: str = "linear"
+) -> list[int]:
+    """Answers per expert: the floor each, the rest by `budget_weights`, largest remainders."""
     n = len(rates)
     spare = total - n * floor
     if spare < 0:
         raise ValueError(f"{total} answers cannot give {n} experts {floor} each")
-    raw = [spare * w for w in softmax(rates, temperature)]
+    raw = [spare * w for w in budget_weights(rates, temperature, scale)]
     whole = [math.floor(r) for r in raw]
     left = spare - sum(whole)
     by_remainder = sorted(range(n), key=lambda i: (-(raw[i] - whole[i]), i))
@@ -67,8 +89,8 @@ class ExpertBudget:
         self.answers = [0] * num_experts  # totals over the run
         self.correct = [0] * num_experts
 
-    def split(self, total: int, floor: int, temperature: float) -> list[int]:
-        return split_budget(total, self.rates, floor, temperature)
+    def split(self, total: int, floor: int, temperature: float, scale: str = "linear") -> list[int]:
+        return split_budget(total, self.rates, floor, temperature, scale)
 
     def update(self, correct: Sequence[int], answers: Sequence[int], smoothing: float) -> None:
         """One step's counts per expert (over all processes); experts with no answer keep their average."""

@@ -145,6 +145,7 @@ class BudgetConfig:
     answers_per_question: int = 12  # A, over all experts
     min_per_expert: int = 2  # m: the floor; a baseline needs 2 answers, IML a mean per expert
     temperature: float = 0.1  # tau of the softmax over success rates in [0, 1]; lower is greedier
+    scale: str = "linear"  # linear: softmax of the rates | log: of their logs (w_i ~ s_i^(1/tau), scale-free)
     smoothing: float = 0.3  # alpha: weight of the newest step in each expert's success average
 
 

@@ -52,6 +52,7 @@ def _check_dynamic_and_budget(cfg: Config) -> None:
     _positive("rollout.budget.answers_per_question", b.answers_per_question)
     _positive("rollout.budget.min_per_expert", b.min_per_expert)
     _positive("rollout.budget.temperature", b.temperature)
+    _choice("rollout.budget.scale", b.scale, ("linear", "log"))
     _in_range("rollout.budget.smoothing", b.smoothing, 0.0, 1.0, high_open=False)
     if b.smoothing == 0:
         raise ConfigError("rollout.budget.smoothing=0 would never update the success averages: use (0, 1]")

@@ -52,7 +52,7 @@ def rl_step(s: Session, step: int, learner: Learner, reference) -> dict:
     cfg = s.cfg
     t0 = time.perf_counter()
     b = cfg.rollout.budget
-    sizes = s.budget.split(b.answers_per_question, b.min_per_expert, b.temperature) if s.budget else None
+    sizes = s.budget.split(b.answers_per_question, b.min_per_expert, b.temperature, b.scale) if s.budget else None
     rollouts = collect(s, step, sizes)  # this process's draws and scored episodes, refill rounds included
     draws, episodes, reward_stats = rollouts.draws, rollouts.episodes, rollouts.reward_stats
     s.counters["reward_failures"] += reward_stats.failures
