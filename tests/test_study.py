@@ -21,8 +21,8 @@ import pytest
 
 from meml.core.errors import ConfigError
 from meml.study.jobs import chosen_lr, grid, rl_job
-from meml.study.spec import ArmSpec, EvalSetSpec, StudySpec, load_study
-from meml.study.summary import arm_records, best_on_validation, summarize_study
+from meml.study.spec import ArmSpec, BootstrapSpec, EvalSetSpec, StudySpec, load_study
+from meml.study.summary import arm_records, best_on_validation, markdown, summarize_study
 
 STUDY = """
 name: tiny
@@ -314,3 +314,69 @@ def test_compare_refuses_seeds_the_study_does_not_have(tmp_path):
         [sys.executable, "-m", "meml.cli", "compare", str(study), "--seeds", "0,7"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "--seeds: [7] are not seeds of" in out.stdout + out.stderr
+
+
+def _scored(arm: str, seed: int, test: list[float], lr=None) -> dict:
+    """A one-expert record with explicit per-question test scores (validation: the same)."""
+    entry = {"summary": {"acc/tutor": sum(test) / 4}, "question_ids": ["q0", "q1", "q2", "q3"], "scores": {}}
+    entry["scores"] = {"tutor": list(test), "majority": list(test)}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "lr": lr,
+        "experts": ["tutor"],
+        "eval": {"validation": entry, "test": entry},
+        "train": {},
+        "wall_s": 1.0,
+    }
+
+
+def test_stage2_gains_and_their_difference_by_hand():
+    from meml.study.jobs import stage1_job
+    from meml.study.spec import Stage1Spec
+
+    spec = StudySpec(
+        name="s",
+        seeds=[0, 1],
+        stage1={"x": Stage1Spec(), "y": Stage1Spec()},
+        arms={"a": ArmSpec(stage1="x"), "b": ArmSpec(stage1="y"), "c": ArmSpec(stage1="x")},
+        evaluation={"validation": EvalSetSpec("validation", 4), "test": EvalSetSpec("test", 4)},
+        comparisons=[["a", "b"], ["a", "c"]],
+        bootstrap=BootstrapSpec(resamples=500),
+    )
+    scores = {  # (name, seed) -> the tutor's test scores on q0..q3
+        ("x", 0): [0, 0, 1, 0], ("a", 0): [1, 0, 1, 0],  # a's gain [1, 0, 0, 0]: +0.25
+        ("y", 0): [1, 1, 0, 0], ("b", 0): [1, 1, 0, 1],  # b's gain [0, 0, 0, 1]: +0.25
+        ("x", 1): [0, 0, 0, 0], ("a", 1): [1, 1, 0, 0],  # +0.5
+        ("y", 1): [1, 0, 0, 0], ("b", 1): [1, 0, 0, 0],  # 0
+        ("c", 0): [0, 0, 1, 0], ("c", 1): [0, 0, 0, 0],  # no gain
+    }  # fmt: skip
+    recs = {}
+    for (name, seed), test in scores.items():
+        key = stage1_job(spec, name, seed).key if name in spec.stage1 else rl_job(spec, name, None, seed, "grid").key
+        recs[key] = _scored(name, seed, test)
+
+    summary = summarize_study(spec, recs)
+    gains = {g["arm"]: g for g in summary["stage2_gains"]}
+    assert (gains["a"]["start_acc"], gains["a"]["final_acc"], gains["a"]["diff"]) == (0.125, 0.5, 0.375)
+    assert gains["a"]["per_seed"] == [0.25, 0.5] and gains["a"]["seeds_used"] == [0, 1]
+    assert (gains["b"]["start_acc"], gains["b"]["final_acc"], gains["b"]["diff"]) == (0.375, 0.5, 0.125)
+    assert gains["c"]["diff"] == 0.0 and gains["c"]["p"] == 1.0
+    # a and b end level (0.5 each) but a gained 0.25 more from its start; a and c share a start,
+    # so their plain comparison already is the difference of gains and is not repeated
+    plain = {(c["arm"], c["baseline"]): c for c in summary["comparisons"] if c["metric"] == "shared"}
+    assert plain[("a", "b")]["diff"] == 0.0
+    (diff,) = summary["gain_comparisons"]
+    assert (diff["arm"], diff["baseline"]) == ("a", "b")
+    assert (diff["arm_gain"], diff["baseline_gain"], diff["diff"]) == (0.375, 0.125, 0.25)
+    assert diff["per_seed"] == [0.0, 0.5] and diff["low"] <= 0.0 < 0.5 <= diff["high"]
+
+    # a start missing for a seed: that seed leaves the gain and the difference, not the rest
+    del recs[stage1_job(spec, "y", 1).key]
+    summary = summarize_study(spec, recs)
+    gains = {g["arm"]: g for g in summary["stage2_gains"]}
+    assert gains["b"]["seeds_used"] == [0] and gains["b"]["diff"] == 0.25
+    (diff,) = summary["gain_comparisons"]
+    assert diff["seeds_used"] == [0] and diff["diff"] == 0.0
+    md = markdown(spec, summary)
+    assert "## Stage 2's gain over its own stage-1 model" in md and "| a | b | test | +0.250 | +0.250 | +0.000" in md

@@ -9,6 +9,11 @@ Each arm's lr is the one whose shared-expert accuracy on the selection split is 
 (mean over the selection seeds); only records at that lr are reported. Comparisons are
 paired: the same seeds and the same question ids on both sides
 (metrics.paired_difference, a two-way bootstrap over seeds and questions).
+
+Stage 2's own gain separates the two stages: an arm's shared-expert score minus that of
+its stage-1 model of the same seed, per question (`stage2_gains`). Two arms that start
+from different stage-1 recipes are also compared by the difference of those gains, per
+(seed, question): (arm - its start) - (baseline - its start) (`gain_comparisons`).
 """
 
 from __future__ import annotations
@@ -73,26 +78,101 @@ def arm_records(spec: StudySpec, arm: str, records: dict) -> tuple[float | None,
     return lr, found
 
 
+def aligned_arrays(
+    spec: StudySpec, groups: list[list[dict]], eval_set: str, metric: str
+) -> tuple[list[np.ndarray], list[int]]:
+    """(seeds, questions) score arrays of several groups of records (one record per seed
+    each), on the seeds every group has and the questions every one of them scored."""
+    by_seed = [
+        {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in g if eval_set in r["eval"]} for g in groups
+    ]
+    seeds = [s for s in spec.seeds if all(s in m for m in by_seed)]
+    if not seeds:
+        return [np.zeros((0, 0)) for _ in groups], []
+    questions = [
+        q for q in by_seed[0][seeds[0]] if all(q in m[s] and m[s][q] is not None for m in by_seed for s in seeds)
+    ]
+    return [np.array([[m[s][q] for q in questions] for s in seeds], dtype=float) for m in by_seed], seeds
+
+
 def paired_arrays(
     spec: StudySpec, a: list[dict], b: list[dict], eval_set: str, metric: str
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(seeds, questions) score arrays of two arms on their common seeds and questions."""
-    by_seed_a = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in a if eval_set in r["eval"]}
-    by_seed_b = {r["seed"]: metric_scores(spec, r, eval_set, metric) for r in b if eval_set in r["eval"]}
-    seeds = [s for s in spec.seeds if s in by_seed_a and s in by_seed_b]
-    if not seeds:
-        return np.zeros((0, 0)), np.zeros((0, 0)), []
-    questions = [
-        q
-        for q in by_seed_a[seeds[0]]
-        if all(
-            q in by_seed_a[s] and q in by_seed_b[s] and by_seed_a[s][q] is not None and by_seed_b[s][q] is not None
-            for s in seeds
-        )
-    ]
-    xa = np.array([[by_seed_a[s][q] for q in questions] for s in seeds], dtype=float)
-    xb = np.array([[by_seed_b[s][q] for q in questions] for s in seeds], dtype=float)
+    (xa, xb), seeds = aligned_arrays(spec, [a, b], eval_set, metric)
     return xa, xb, seeds
+
+
+def stage1_records(spec: StudySpec, recipe: str, records: dict) -> list[dict]:
+    """A stage-1 recipe's records, in seed order (missing seeds left out)."""
+    return [records[k] for s in spec.seeds if (k := stage1_job(spec, recipe, s).key) in records]
+
+
+def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
+    """Per arm with a stage-1 start and per reported set: the shared expert's score minus its
+    start's, paired by seed and question."""
+    out = []
+    b = spec.bootstrap
+    for arm, a in spec.arms.items():
+        if not a.stage1:
+            continue
+        _, recs = arm_records(spec, arm, records)
+        for eval_set in spec.report:
+            (final, start), seeds = aligned_arrays(
+                spec, [recs, stage1_records(spec, a.stage1, records)], eval_set, "shared"
+            )
+            if not seeds or final.size == 0:
+                continue
+            diff = paired_difference(final, start, b.resamples, b.seed, b.confidence)
+            out.append(
+                {
+                    "arm": arm,
+                    "start": a.stage1,
+                    "eval": eval_set,
+                    "metric": "shared",
+                    "final_acc": float(final.mean()),
+                    "start_acc": float(start.mean()),
+                    "seeds_used": seeds,
+                    **diff.as_dict(),
+                }
+            )
+    return out
+
+
+def gain_comparisons(spec: StudySpec, records: dict) -> list[dict]:
+    """For each listed comparison whose two arms start from different stage-1 recipes: the
+    difference of their stage-2 gains, (arm - start) - (baseline - its start), paired by
+    seed and question on the cells all four score."""
+    out = []
+    b = spec.bootstrap
+    for arm, base in spec.comparisons:
+        sa, sb = spec.arms[arm].stage1, spec.arms[base].stage1
+        if not sa or not sb or sa == sb:
+            continue  # the same start: the plain comparison already is the difference of gains
+        groups = [
+            arm_records(spec, arm, records)[1],
+            stage1_records(spec, sa, records),
+            arm_records(spec, base, records)[1],
+            stage1_records(spec, sb, records),
+        ]
+        for eval_set in spec.report:
+            (xa, xsa, xb, xsb), seeds = aligned_arrays(spec, groups, eval_set, "shared")
+            if not seeds or xa.size == 0:
+                continue
+            diff = paired_difference(xa - xsa, xb - xsb, b.resamples, b.seed, b.confidence)
+            out.append(
+                {
+                    "arm": arm,
+                    "baseline": base,
+                    "eval": eval_set,
+                    "metric": "shared",
+                    "arm_gain": float((xa - xsa).mean()),
+                    "baseline_gain": float((xb - xsb).mean()),
+                    "seeds_used": seeds,
+                    **diff.as_dict(),
+                }
+            )
+    return out
 
 
 def summarize_study(spec: StudySpec, records: dict) -> dict:
@@ -111,8 +191,7 @@ def summarize_study(spec: StudySpec, records: dict) -> dict:
     }
     eval_sets = list(spec.evaluation)
     for recipe in spec.stage1:
-        recs = [records[k] for s in spec.seeds if (k := stage1_job(spec, recipe, s).key) in records]
-        out["stage1"][recipe] = _figures(spec, recs, eval_sets)
+        out["stage1"][recipe] = _figures(spec, stage1_records(spec, recipe, records), eval_sets)
     for arm, a in spec.arms.items():
         lr, recs = arm_records(spec, arm, records)
         entry = {
@@ -146,6 +225,8 @@ def summarize_study(spec: StudySpec, records: dict) -> dict:
                         **diff.as_dict(),
                     }
                 )
+    out["stage2_gains"] = stage2_gains(spec, records)
+    out["gain_comparisons"] = gain_comparisons(spec, records)
     return out
 
 
@@ -239,6 +320,35 @@ def markdown(spec: StudySpec, summary: dict) -> str:
                 f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['metric']} | "
                 f"{c['arm_acc']:.3f} | "
                 f"{c['baseline_acc']:.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | "
+                f"{per} |"
+            )
+        lines.append("")
+    if summary.get("stage2_gains"):
+        lines += [
+            f"## Stage 2's gain over its own stage-1 model (`{spec.shared_expert}`, paired by seed and question)",
+            "",
+            "| arm | start | set | start | after stage 2 | gain [95% CI] | p | per seed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g in summary["stage2_gains"]:
+            per = ", ".join(f"{x:+.3f}" for x in g["per_seed"])
+            lines.append(
+                f"| {spec.label(g['arm'])} | `{g['start']}` | {g['eval']} | {g['start_acc']:.3f} | "
+                f"{g['final_acc']:.3f} | {g['diff']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] | {g['p']:.3f} | {per} |"
+            )
+        lines.append("")
+    if summary.get("gain_comparisons"):
+        lines += [
+            "## Stage-2 gains compared, for arms with different starts ((arm - start) - (baseline - start))",
+            "",
+            "| arm | baseline | set | arm's gain | baseline's gain | difference [95% CI] | p | per seed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in summary["gain_comparisons"]:
+            per = ", ".join(f"{x:+.3f}" for x in c["per_seed"])
+            lines.append(
+                f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['arm_gain']:+.3f} | "
+                f"{c['baseline_gain']:+.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | "
                 f"{per} |"
             )
         lines.append("")
