@@ -55,6 +55,9 @@ The study file (YAML; every key is checked, a typo is refused):
 
 Reported per arm and set: the shared expert's accuracy, any expert correct, the majority
 vote, and the expert that was best on the selection split, each as mean ± sd over seeds.
+Per arm with a stage-1 start: stage 2's gain over that start (the shared expert, paired by
+seed and question); per comparison of arms with different starts: the difference of those
+gains, which keeps the stage-1 recipe out of what stage 2 is credited with.
 """
 
 
