@@ -273,6 +273,12 @@ def _pm(entry: dict) -> str:
     return f"{entry['mean']:.3f} ± {entry['sd']:.3f}" if len(entry["per_seed"]) > 1 else f"{entry['mean']:.3f}"
 
 
+def _difference_cells(c: dict) -> str:
+    """'difference [low, high] | p | per seed' of a paired_difference entry."""
+    per = ", ".join(f"{x:+.3f}" for x in c["per_seed"])
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | {per}"
+
+
 def markdown(spec: StudySpec, summary: dict) -> str:
     """The summary as Markdown tables (summary.md beside summary.json)."""
     lines = [
@@ -315,12 +321,9 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for c in summary["comparisons"]:
-            per = ", ".join(f"{x:+.3f}" for x in c["per_seed"])
             lines.append(
                 f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['metric']} | "
-                f"{c['arm_acc']:.3f} | "
-                f"{c['baseline_acc']:.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | "
-                f"{per} |"
+                f"{c['arm_acc']:.3f} | {c['baseline_acc']:.3f} | {_difference_cells(c)} |"
             )
         lines.append("")
     if summary.get("stage2_gains"):
@@ -331,10 +334,9 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for g in summary["stage2_gains"]:
-            per = ", ".join(f"{x:+.3f}" for x in g["per_seed"])
             lines.append(
                 f"| {spec.label(g['arm'])} | `{g['start']}` | {g['eval']} | {g['start_acc']:.3f} | "
-                f"{g['final_acc']:.3f} | {g['diff']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] | {g['p']:.3f} | {per} |"
+                f"{g['final_acc']:.3f} | {_difference_cells(g)} |"
             )
         lines.append("")
     if summary.get("gain_comparisons"):
@@ -345,11 +347,9 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in summary["gain_comparisons"]:
-            per = ", ".join(f"{x:+.3f}" for x in c["per_seed"])
             lines.append(
                 f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['arm_gain']:+.3f} | "
-                f"{c['baseline_gain']:+.3f} | {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p']:.3f} | "
-                f"{per} |"
+                f"{c['baseline_gain']:+.3f} | {_difference_cells(c)} |"
             )
         lines.append("")
     lines += [
