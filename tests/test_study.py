@@ -107,7 +107,7 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     names = {p.stem for p in records.glob("*.json")} - {"study", "summary"}
     grpo_lr = json.loads((records / "summary.json").read_text())["arms"]["grpo"]["lr"]
     assert grpo_lr in (1e-4, 1e-3)
-    assert names == {*JOBS, f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s1"}
+    assert names == {*JOBS, "stage1-mef-s0-rebuilt1", f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s1"}
     chosen = f"grpo-lr{'1e-4' if grpo_lr == 1e-4 else '1e-3'}-s0"
     other = f"grpo-lr{'1e-3' if grpo_lr == 1e-4 else '1e-4'}-s0"
     for name, text in before.items():
@@ -121,6 +121,12 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     assert "stage1-mef-s0: training" not in out  # nothing that had a record ran again
     assert "stage1-mef-s0: its checkpoints are gone; training it again" in out
     assert "stage1-tutor-s0: its checkpoints are gone" not in out  # only what was missing
+    # the rebuilt model has a record of its own on the reported sets, and the run that started
+    # from it names it: its stage-2 gain is measured against the model it started from
+    rebuilt = json.loads((records / "stage1-mef-s0-rebuilt1.json").read_text())
+    assert rebuilt["rebuilt_from"] == "stage1-mef-s0" and set(rebuilt["eval"]) == {"test"}
+    assert json.loads((records / "meml-lrdefault-s0.json").read_text())["start_record"] == "stage1-mef-s0-rebuilt1"
+    assert json.loads((records / "meml-lrdefault-s1.json").read_text())["start_record"] == "stage1-mef-s1"
 
     rec = json.loads((records / "meml-lrdefault-s1.json").read_text())
     assert (rec["arm"], rec["seed"], rec["lr"], rec["steps"], rec["test_questions"]) == ("meml", 1, None, 2, 4)
@@ -130,6 +136,9 @@ def test_a_study_runs_resumes_after_a_kill_and_refuses_a_changed_setting(tiny_mo
     assert not (tmp_path / "runs" / "meml-lrdefault-s1" / "checkpoints").exists()  # removed once evaluated
 
     summary = json.loads((records / "summary.json").read_text())
+    assert [(r["record"], r["questions"]) for r in summary["rebuilt_starts"]] == [("stage1-mef-s0-rebuilt1", 4)]
+    (meml_gain,) = [g for g in summary["stage2_gains"] if g["arm"] == "meml"]
+    assert meml_gain["rebuilt_start_seeds"] == [0]
     comp = {(c["eval"], c["metric"]): c for c in summary["comparisons"]}
     assert set(comp) == {("test", m) for m in ("shared", "any", "majority", "best_val")}
     assert comp[("test", "shared")]["seeds"] == 2 and comp[("test", "shared")]["questions"] == 4
@@ -380,3 +389,86 @@ def test_stage2_gains_and_their_difference_by_hand():
     assert diff["seeds_used"] == [0] and diff["diff"] == 0.0
     md = markdown(spec, summary)
     assert "## Stage 2's gain over its own stage-1 model" in md and "| a | b | test | +0.250 | +0.250 | +0.000" in md
+
+
+def test_a_gain_is_measured_against_the_start_the_run_named_by_hand():
+    """A run whose stage-1 model was trained again names that model's record; its gain is
+    taken against it, and the rebuilt model is set beside the original."""
+    from meml.study.jobs import stage1_job
+    from meml.study.spec import Stage1Spec
+
+    spec = StudySpec(
+        name="s",
+        seeds=[0, 1],
+        stage1={"x": Stage1Spec()},
+        arms={"a": ArmSpec(stage1="x")},
+        evaluation={"validation": EvalSetSpec("validation", 4), "test": EvalSetSpec("test", 4)},
+        bootstrap=BootstrapSpec(resamples=200),
+    )
+    recs = {
+        stage1_job(spec, "x", 0).key: _scored("x", 0, [0, 0, 0, 0]),
+        stage1_job(spec, "x", 1).key: _scored("x", 1, [0, 0, 0, 0]),
+        "stage1-x-s1-rebuilt1": {**_scored("x", 1, [1, 1, 0, 0]), "rebuilt_from": "stage1-x-s1"},
+        rl_job(spec, "a", None, 0, "grid").key: _scored("a", 0, [1, 0, 0, 0]),  # +0.25 over the original
+        rl_job(spec, "a", None, 1, "grid").key: {
+            **_scored("a", 1, [1, 1, 1, 0]),
+            "start_record": "stage1-x-s1-rebuilt1",  # +0.25 over the rebuilt start (+0.75 over the original)
+        },
+    }
+    summary = summarize_study(spec, recs)
+    (gain,) = [g for g in summary["stage2_gains"] if g["eval"] == "test"]
+    # against the original starts it would read 0.0 -> 0.5, a gain of +0.5
+    assert (gain["start_acc"], gain["final_acc"], gain["diff"]) == (0.25, 0.5, 0.25)
+    assert gain["per_seed"] == [0.25, 0.25] and gain["rebuilt_start_seeds"] == [1]
+    (row,) = [r for r in summary["rebuilt_starts"] if r["eval"] == "test"]
+    assert (row["original_acc"], row["rebuilt_acc"], row["same_score"], row["questions"]) == (0.0, 0.5, 2, 4)
+    md = markdown(spec, summary)
+    assert "`x` (rebuilt: s1)" in md and "| stage1-x-s1-rebuilt1 | stage1-x-s1 | test | 0.000 | 0.500 | 2 of 4 |" in md
+    # the stage-1 rows stay the recipe's own records
+    assert summary["stage1"]["x"]["eval"]["test"]["shared"]["per_seed"] == [0.0, 0.0]
+
+
+def test_a_rebuild_killed_while_training_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    from meml.study.jobs import stage1_job
+    from meml.study.runner import REBUILT_MARKER, Runner
+    from meml.study.spec import Stage1Spec
+
+    spec = StudySpec(
+        name="s",
+        runs_dir=str(tmp_path / "runs"),
+        records_dir=str(tmp_path / "records"),
+        seeds=[0],
+        stage1={"x": Stage1Spec()},
+        arms={"a": ArmSpec(stage1="x")},
+        evaluation={"test": EvalSetSpec("test", 4)},
+    )
+    start = stage1_job(spec, "x", 0)
+    ran, recorded = [], []
+
+    def run(self, argv, log_path):
+        ran.append(argv)
+        if len(ran) == 1:
+            (start.run_dir / "checkpoints" / "step-00001").mkdir(parents=True)  # a checkpoint, then the kill
+            raise KeyboardInterrupt
+
+    def record_rebuilt(self, job):
+        recorded.append(json.loads((job.run_dir / REBUILT_MARKER).read_text()))
+        self.records[recorded[-1]["record"]] = {}
+
+    monkeypatch.setattr(Runner, "run", run)
+    monkeypatch.setattr(Runner, "record_rebuilt", record_rebuilt)
+    runner = Runner(spec, echo=lambda *_: None)
+    assert runner.start_record(start) == start.key  # nothing rebuilt: the recipe's own record
+    with pytest.raises(KeyboardInterrupt):
+        runner.rebuild_start(start)
+    assert json.loads((start.run_dir / REBUILT_MARKER).read_text()) == {
+        "record": f"{start.key}-rebuilt1",
+        "trained": False,
+    }
+    # its checkpoint does not make the half-trained model pass for a finished one: training continues
+    runner.rebuild_start(start)
+    assert len(ran) == 2 and ran[1] == runner.command(start) and ran[1][-1] == "--resume"
+    assert recorded == [{"record": f"{start.key}-rebuilt1", "trained": True}]
+    assert runner.start_record(start) == f"{start.key}-rebuilt1"
+    runner.rebuild_start(start)  # done: not trained again
+    assert len(ran) == 2 and len(recorded) == 2 and recorded[1]["trained"]

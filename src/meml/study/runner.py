@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from meml.core.errors import ConfigError
@@ -39,6 +40,8 @@ from meml.study.jobs import Job, all_stage1_jobs, chosen_lr, grid, grid_jobs, rl
 from meml.study.spec import StudySpec
 
 log = logging.getLogger("meml")
+
+REBUILT_MARKER = "study-rebuilt.json"  # in a stage-1 run directory that was trained again
 
 
 class StudyError(RuntimeError):
@@ -123,9 +126,17 @@ def check_unchanged(job: Job, record: dict | None) -> None:
             f"evaluation set {name}" for name in job.evals if name in old_evals and old_evals[name] != job.evals[name]
         ]
         if changed:
+            commit = ((record.get("code") or {}).get("commit") or "")[:12]
             raise ConfigError(
-                f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])}). "
-                "Restore the study file, or delete that record (and its run directory) to run the job again."
+                f"{job.key}: its record {record['_path']} was made with other settings ({'; '.join(changed[:6])})"
+                f"{f' at commit {commit}' if commit else ''}. Restore the study file, or delete that record (and its "
+                "run directory) to run the job again."
+                + (
+                    " Where the study file does not set what changed, a default changed since: run the study from "
+                    f"commit {commit} (a `git worktree` of it, with PYTHONPATH=<worktree>/src)."
+                    if commit
+                    else ""
+                )
             )
         return
     saved = job.run_dir / "config.yaml"
@@ -194,6 +205,8 @@ class Runner:
         from meml.study.record import build_record
 
         record = build_record(self.spec, job, planned_config(job), self.command(job), wall_s=time.time() - t0)
+        if job.start is not None:
+            record["start_record"] = self.start_record(job.start)
         self.save(job, record)
         self.echo(f"{time.strftime('%H:%M:%S')} {job.key}: done in {time.time() - t0:.0f} s -> {record['_path']}")
         return record
@@ -201,13 +214,47 @@ class Runner:
     def rebuild_start(self, start: Job) -> None:
         """A stage-1 model whose record was kept but whose run directory is gone (a study
         carried to another machine with its records only): train it again from the same
-        command and seed; its record, and what it measured, stay as they were."""
-        if list((start.run_dir / "checkpoints").glob("*-0*")):
-            return
-        self.echo(f"{time.strftime('%H:%M:%S')} {start.key}: its checkpoints are gone; training it again")
-        if start.run_dir.exists():
-            shutil.rmtree(start.run_dir)
-        self.run(self.command(start), start.run_dir.parent / "logs" / f"{start.key}.log")
+        command and seed. The original record stays as it was; the rebuilt model, which
+        need not be bit-identical, gets a record of its own on the reported sets
+        (`<start>-rebuilt<N>`), and the runs that start from it name it (`start_record`),
+        so a stage-2 gain is measured against the model the run actually started from."""
+        marker = start.run_dir / REBUILT_MARKER
+        if not marker.exists() and not list((start.run_dir / "checkpoints").glob("*-0*")):
+            self.echo(f"{time.strftime('%H:%M:%S')} {start.key}: its checkpoints are gone; training it again")
+            if start.run_dir.exists():
+                shutil.rmtree(start.run_dir)
+            n = 1 + sum(1 for k in self.records if k.startswith(f"{start.key}-rebuilt"))
+            write_json(marker, {"record": f"{start.key}-rebuilt{n}", "trained": False})
+        if not marker.exists():
+            return  # the original model is here
+        state = json.loads(marker.read_text())
+        if not state["trained"]:  # (again, with --resume, after a kill during the rebuild)
+            self.run(self.command(start), start.run_dir.parent / "logs" / f"{start.key}.log")
+            write_json(marker, {**state, "trained": True})
+        self.record_rebuilt(start)
+
+    def record_rebuilt(self, start: Job) -> dict:
+        """The rebuilt stage-1 model's record, evaluated on the reported sets (once)."""
+        from meml.study.record import build_record
+
+        key = json.loads((start.run_dir / REBUILT_MARKER).read_text())["record"]
+        if key in self.records:
+            return self.records[key]
+        t0 = time.time()
+        rebuilt = replace(start, key=key, evals={n: a for n, a in start.evals.items() if n in self.spec.report})
+        for name in rebuilt.evals:
+            if not (start.run_dir / f"eval-{name}" / "summary.json").exists():
+                self.run(self.eval_command(rebuilt, name), start.run_dir.parent / "logs" / f"{key}.eval-{name}.log")
+        record = build_record(self.spec, rebuilt, planned_config(start), self.command(start), wall_s=time.time() - t0)
+        record["rebuilt_from"] = start.key
+        self.save(rebuilt, record)
+        return record
+
+    def start_record(self, start: Job) -> str:
+        """The record of the stage-1 model a run starts from: the rebuilt one's where the
+        start was trained again, else the start's own."""
+        marker = start.run_dir / REBUILT_MARKER
+        return json.loads(marker.read_text())["record"] if marker.exists() else start.key
 
     def add_evals(self, job: Job, record: dict, names: list[str]) -> dict:
         """Evaluate a finished run on more sets (a grid run whose lr was chosen)."""

@@ -13,7 +13,9 @@ paired: the same seeds and the same question ids on both sides
 Stage 2's own gain separates the two stages: an arm's shared-expert score minus that of
 its stage-1 model of the same seed, per question (`stage2_gains`). Two arms that start
 from different stage-1 recipes are also compared by the difference of those gains, per
-(seed, question): (arm - its start) - (baseline - its start) (`gain_comparisons`).
+(seed, question): (arm - its start) - (baseline - its start) (`gain_comparisons`). A run's
+start is the model it started from: where a stage-1 model was trained again (its run
+directory lost), the rebuilt model's own record (`start_record`, `rebuilt_starts`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,22 @@ def stage1_records(spec: StudySpec, recipe: str, records: dict) -> list[dict]:
     return [records[k] for s in spec.seeds if (k := stage1_job(spec, recipe, s).key) in records]
 
 
+def start_records(spec: StudySpec, recs: list[dict], records: dict) -> list[dict]:
+    """The record of the model each run started from, in the runs' order: the one it names
+    (`start_record`, a stage-1 model trained again) or its recipe's for its seed."""
+    out = []
+    for r in recs:
+        key = r.get("start_record") or stage1_job(spec, spec.arms[r["arm"]].stage1, r["seed"]).key
+        if key in records:
+            out.append(records[key])
+    return out
+
+
+def rebuilt_seeds(recs: list[dict]) -> list[int]:
+    """Seeds whose run started from a stage-1 model trained again (not the recipe's record)."""
+    return [r["seed"] for r in recs if "-rebuilt" in (r.get("start_record") or "")]
+
+
 def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
     """Per arm with a stage-1 start and per reported set: the shared expert's score minus its
     start's, paired by seed and question."""
@@ -118,9 +136,7 @@ def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
             continue
         _, recs = arm_records(spec, arm, records)
         for eval_set in spec.report:
-            (final, start), seeds = aligned_arrays(
-                spec, [recs, stage1_records(spec, a.stage1, records)], eval_set, "shared"
-            )
+            (final, start), seeds = aligned_arrays(spec, [recs, start_records(spec, recs, records)], eval_set, "shared")
             if not seeds or final.size == 0:
                 continue
             diff = paired_difference(final, start, b.resamples, b.seed, b.confidence)
@@ -133,7 +149,35 @@ def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
                     "final_acc": float(final.mean()),
                     "start_acc": float(start.mean()),
                     "seeds_used": seeds,
+                    "rebuilt_start_seeds": [x for x in rebuilt_seeds(recs) if x in seeds],
                     **diff.as_dict(),
+                }
+            )
+    return out
+
+
+def rebuilt_starts(spec: StudySpec, records: dict) -> list[dict]:
+    """Each stage-1 model trained again beside its original record, per reported set: both
+    accuracies of the shared expert and on how many questions the two scored the same."""
+    out = []
+    for key, r in sorted(records.items()):
+        original = records.get(r.get("rebuilt_from") or "")
+        if original is None:
+            continue
+        for eval_set in spec.report:
+            if eval_set not in r["eval"] or eval_set not in original["eval"]:
+                continue
+            a, b = (metric_scores(spec, x, eval_set, "shared") for x in (original, r))
+            common = [q for q in a if a[q] is not None and b.get(q) is not None]
+            out.append(
+                {
+                    "record": key,
+                    "original": r["rebuilt_from"],
+                    "eval": eval_set,
+                    "original_acc": accuracy(a),
+                    "rebuilt_acc": accuracy(b),
+                    "questions": len(common),
+                    "same_score": sum(a[q] == b[q] for q in common),
                 }
             )
     return out
@@ -149,12 +193,8 @@ def gain_comparisons(spec: StudySpec, records: dict) -> list[dict]:
         sa, sb = spec.arms[arm].stage1, spec.arms[base].stage1
         if not sa or not sb or sa == sb:
             continue  # the same start: the plain comparison already is the difference of gains
-        groups = [
-            arm_records(spec, arm, records)[1],
-            stage1_records(spec, sa, records),
-            arm_records(spec, base, records)[1],
-            stage1_records(spec, sb, records),
-        ]
+        ra, rb = arm_records(spec, arm, records)[1], arm_records(spec, base, records)[1]
+        groups = [ra, start_records(spec, ra, records), rb, start_records(spec, rb, records)]
         for eval_set in spec.report:
             (xa, xsa, xb, xsb), seeds = aligned_arrays(spec, groups, eval_set, "shared")
             if not seeds or xa.size == 0:
@@ -227,6 +267,7 @@ def summarize_study(spec: StudySpec, records: dict) -> dict:
                 )
     out["stage2_gains"] = stage2_gains(spec, records)
     out["gain_comparisons"] = gain_comparisons(spec, records)
+    out["rebuilt_starts"] = rebuilt_starts(spec, records)
     return out
 
 
@@ -334,8 +375,10 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for g in summary["stage2_gains"]:
+            rebuilt = g.get("rebuilt_start_seeds")
+            start = f"`{g['start']}`" + (f" (rebuilt: s{', s'.join(map(str, rebuilt))})" if rebuilt else "")
             lines.append(
-                f"| {spec.label(g['arm'])} | `{g['start']}` | {g['eval']} | {g['start_acc']:.3f} | "
+                f"| {spec.label(g['arm'])} | {start} | {g['eval']} | {g['start_acc']:.3f} | "
                 f"{g['final_acc']:.3f} | {_difference_cells(g)} |"
             )
         lines.append("")
@@ -350,6 +393,19 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             lines.append(
                 f"| {spec.label(c['arm'])} | {spec.label(c['baseline'])} | {c['eval']} | {c['arm_gain']:+.3f} | "
                 f"{c['baseline_gain']:+.3f} | {_difference_cells(c)} |"
+            )
+        lines.append("")
+    if summary.get("rebuilt_starts"):
+        lines += [
+            "## Stage-1 models trained again (their run directory was lost; the gains above are measured against them)",
+            "",
+            "| model | original | set | original | rebuilt | same score |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in summary["rebuilt_starts"]:
+            lines.append(
+                f"| {r['record']} | {r['original']} | {r['eval']} | {r['original_acc']:.3f} | {r['rebuilt_acc']:.3f} | "
+                f"{r['same_score']} of {r['questions']} |"
             )
         lines.append("")
     lines += [
