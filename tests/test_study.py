@@ -22,7 +22,8 @@ import pytest
 from meml.core.errors import ConfigError
 from meml.study.jobs import chosen_lr, grid, rl_job
 from meml.study.spec import ArmSpec, BootstrapSpec, EvalSetSpec, StudySpec, load_study
-from meml.study.summary import arm_records, best_on_validation, markdown, summarize_study
+from meml.study.summary import arm_records, best_on_validation, summarize_study
+from meml.study.tables import markdown
 
 STUDY = """
 name: tiny

@@ -139,7 +139,8 @@ def _raise_interrupt(signum, _frame) -> None:
 def write_summary(spec) -> Path:
     from meml.study.plots import draw
     from meml.study.runner import read_records, write_json
-    from meml.study.summary import markdown, summarize_study
+    from meml.study.summary import summarize_study
+    from meml.study.tables import markdown
 
     records = read_records(spec)
     summary = summarize_study(spec, records)
