@@ -58,6 +58,12 @@ vote, and the expert that was best on the selection split, each as mean ± sd ov
 Per arm with a stage-1 start: stage 2's gain over that start (the shared expert, paired by
 seed and question); per comparison of arms with different starts: the difference of those
 gains, which keeps the stage-1 recipe out of what stage 2 is credited with.
+
+Records carried to another machine without their run directories: a stage-1 model whose
+checkpoints are gone is trained again from its command and seed when a run needs it. The
+copy need not be bit-identical, so it gets a record of its own (<job>-rebuilt<N>.json,
+on the reported sets), the runs that start from it name it (start_record), and their gains
+are measured against it; summary.md sets each rebuilt model beside its original.
 """
 
 
