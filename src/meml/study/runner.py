@@ -237,7 +237,7 @@ class Runner:
         """The rebuilt stage-1 model's record, evaluated on the reported sets (once)."""
         from meml.study.record import build_record
 
-        key = json.loads((start.run_dir / REBUILT_MARKER).read_text())["record"]
+        key = self.start_record(start)
         if key in self.records:
             return self.records[key]
         t0 = time.time()

@@ -121,11 +121,6 @@ def start_records(spec: StudySpec, recs: list[dict], records: dict) -> list[dict
     return out
 
 
-def rebuilt_seeds(recs: list[dict]) -> list[int]:
-    """Seeds whose run started from a stage-1 model trained again (not the recipe's record)."""
-    return [r["seed"] for r in recs if "-rebuilt" in (r.get("start_record") or "")]
-
-
 def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
     """Per arm with a stage-1 start and per reported set: the shared expert's score minus its
     start's, paired by seed and question."""
@@ -135,8 +130,10 @@ def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
         if not a.stage1:
             continue
         _, recs = arm_records(spec, arm, records)
+        starts = start_records(spec, recs, records)
+        rebuilt = [r["seed"] for r in starts if "rebuilt_from" in r]
         for eval_set in spec.report:
-            (final, start), seeds = aligned_arrays(spec, [recs, start_records(spec, recs, records)], eval_set, "shared")
+            (final, start), seeds = aligned_arrays(spec, [recs, starts], eval_set, "shared")
             if not seeds or final.size == 0:
                 continue
             diff = paired_difference(final, start, b.resamples, b.seed, b.confidence)
@@ -149,7 +146,7 @@ def stage2_gains(spec: StudySpec, records: dict) -> list[dict]:
                     "final_acc": float(final.mean()),
                     "start_acc": float(start.mean()),
                     "seeds_used": seeds,
-                    "rebuilt_start_seeds": [x for x in rebuilt_seeds(recs) if x in seeds],
+                    "rebuilt_start_seeds": [x for x in rebuilt if x in seeds],
                     **diff.as_dict(),
                 }
             )
